@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a bare machine with Python >= 3.10 and pip.
+# The CPU build of torch is pinned here (not in pyproject) so a GPU box keeps its own CUDA torch:
+# when the base Python already has a CUDA-capable torch, the venv sees it and nothing replaces it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup demo test lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-lock.txt
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "using the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN)/pip install -q -c requirements-lock.txt -e ".[test]"
+	@touch $@
+
+demo: setup
+	$(BIN)/sft launch
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check launcher tests bench && $(BIN)/ruff format --check launcher tests bench
+
+format: setup
+	$(BIN)/ruff format launcher tests bench && $(BIN)/ruff check --fix launcher tests bench
+
+clean:
+	rm -rf $(VENV) runs .cache

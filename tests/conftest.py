@@ -1,0 +1,40 @@
+"""Shared fixtures: real tokenizers, tiny real HF models, and a torchrun runner for distributed tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+ASSETS = ROOT / "launcher" / "assets"
+
+
+def fixture_path(*parts: str) -> Path:
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/fixtures is provided in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+
+
+def torchrun(args: list[str], nproc: int, cwd: Path, timeout: int = 600, env: dict | None = None):
+    """Run `python -m torch.distributed.run` on CPU ranks; returns the CompletedProcess (output captured)."""
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,70 @@
+"""torchrun worker for test_distributed: one ZeRO-3 optimizer step with plain SGD (lr=1), so the updated weights
+are `w - grad` and expose any mis-scaled gradient. Writes loss and gathered weights from rank 0."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from launcher import engine as ds_engine
+from launcher.data import pack_examples
+from launcher.train import train_step
+
+
+def main(micro: int, accum: int, out: str) -> None:
+    info = ds_engine.init_distributed(timeout_minutes=5)
+    world = info.world_size
+    train_cfg = OmegaConf.create(
+        {"global_batch_size": micro * accum * world, "micro_batch_size": micro, "grad_clip": 0.0}
+    )
+    ds_cfg = OmegaConf.create(
+        {
+            "stage": 3,
+            "offload_optimizer": False,
+            "offload_params": False,
+            "config_file": None,
+            "overlap_comm": False,
+        }
+    )
+    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False)
+    ds_engine.zero_init_context(ds_config)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    eng = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=1.0), None, ds_config)
+    g = torch.Generator().manual_seed(1)
+    # Four packed rows with different numbers of target tokens, so per-row averaging would differ.
+    docs = [
+        {"input_ids": torch.randint(1, 61, (n,), generator=g).tolist()} for n in (5, 9, 3, 12, 7, 4, 10, 6)
+    ]
+    for i, d in enumerate(docs):
+        d["labels"] = [t if (j + i) % (i % 3 + 1) == 0 else -100 for j, t in enumerate(d["input_ids"])]
+    rows = pack_examples(docs, max_length=16)
+    assert len(rows) == 4, len(rows)
+    per_rank = micro * accum
+    mine = rows[info.rank * per_rank : (info.rank + 1) * per_rank]
+    out_step = train_step(eng, mine, micro, "sdpa", info.device, 0, world)
+    with ds_engine.gathered_params(list(eng.module.parameters())):
+        if info.rank == 0:
+            weights = torch.cat([p.detach().flatten().clone() for p in eng.module.parameters()])
+            torch.save(
+                {"loss": out_step["loss"], "weights": weights, "tokens": out_step["trained_tokens"]}, out
+            )
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
