@@ -3,6 +3,8 @@
     sft launch [--nproc N] [overrides]   start torchrun here: every local GPU, or 2 CPU ranks
     sft train [overrides]                run in this process (under torchrun/deepspeed/srun, or alone)
     sft prepare [overrides]              build the tokenized + packed data cache and print the data report
+    sft preview [-n N] [overrides]       print N examples with trained tokens marked, and the data report
+    sft check [overrides]                compare packed vs per-document logits of the configured model
     sft config [overrides]               print the composed config
 
 User errors print one message naming the key/file/row and exit 2; SFT_DEBUG=1 shows the traceback.
@@ -80,6 +82,66 @@ def cmd_prepare(overrides: list[str]) -> int:
     return 0
 
 
+def render_trained(tok, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """The decoded example with trained spans in colour (TTY) or [[double brackets]]."""
+    open_, close = ("\033[1;32m", "\033[0m") if color else ("[[", "]]")
+    out, span, trained = [], [], False
+    for tid, lab in zip(input_ids, labels):
+        if (lab != -100) != trained:
+            out.append(tok.decode(span))
+            out.append(open_ if not trained else close)
+            span, trained = [], not trained
+        span.append(tid)
+    out.append(tok.decode(span) + (close if trained else ""))
+    return "".join(out)
+
+
+def cmd_preview(args: list[str]) -> int:
+    from launcher.data.packing import doc_lengths
+    from launcher.data.pipeline import format_report, prepare_data
+    from launcher.model import load_tokenizer
+
+    n = 3
+    if args[:1] == ["-n"]:
+        n, args = int(args[1]), args[2:]
+    cfg = _compose(args)
+    tok = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg.data, tok, cfg.model.chat_template)
+    # Documents exactly as the trainer sees them inside packed rows (first token of each never trained).
+    shown = 0
+    for row in prepared.train_rows:
+        start = 0
+        for length in doc_lengths(row["position_ids"]):
+            if shown == n:
+                break
+            ids, labels = row["input_ids"][start : start + length], row["labels"][start : start + length]
+            print(f"---- example {shown} ({length} tokens, {sum(x != -100 for x in labels)} trained)")
+            print(render_trained(tok, ids, labels, sys.stdout.isatty()))
+            start += length
+            shown += 1
+    print(format_report(prepared.report))
+    return 0
+
+
+def cmd_check(overrides: list[str]) -> int:
+    import torch
+
+    from launcher.attention import resolve_backend
+    from launcher.data.pipeline import prepare_data
+    from launcher.evaluate import check_packing
+    from launcher.model import build_model, load_tokenizer
+
+    cfg = _compose(overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(cfg.model)
+    rows = prepare_data(cfg.data, tok, cfg.model.chat_template).train_rows[:64]
+    attention = resolve_backend(cfg.model.attention.value, device)
+    bf16 = device.type == "cuda" and cfg.model.dtype.value != "fp32"
+    model = build_model(cfg.model, len(tok), attention, torch.bfloat16 if bf16 else torch.float32).to(device)
+    print({"attention": attention, **check_packing(model, rows, attention, device, 3e-2 if bf16 else 1e-4)})
+    return 0
+
+
 def cmd_config(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
@@ -87,7 +149,14 @@ def cmd_config(overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "prepare": cmd_prepare, "config": cmd_config}
+COMMANDS = {
+    "train": cmd_train,
+    "launch": cmd_launch,
+    "prepare": cmd_prepare,
+    "preview": cmd_preview,
+    "check": cmd_check,
+    "config": cmd_config,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
