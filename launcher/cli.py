@@ -64,7 +64,8 @@ def cmd_launch(args: list[str]) -> int:
     print("launching:", " ".join(cmd), flush=True)
     t0 = time.time()
     code = subprocess.call(cmd, env=env)
-    print(f"launch finished in {time.time() - t0:.1f}s with exit code {code}", flush=True)
+    if code:  # on success rank 0's `run_dir:` stays the last line
+        print(f"launch failed after {time.time() - t0:.1f}s with exit code {code}", file=sys.stderr, flush=True)
     return code
 
 

@@ -80,7 +80,7 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_run_dir_layout_and_loss_falls(run):
     run_dir, stdout = run
-    assert f"run_dir: {run_dir}" in stdout.strip().splitlines()[-2]  # last line of train; launch adds its own
+    assert stdout.strip().splitlines()[-1] == f"run_dir: {run_dir}"
     for name in ("metrics.jsonl", "config.yaml", "data_report.json", "results.json", "export", "wandb"):
         assert (run_dir / name).exists(), name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
