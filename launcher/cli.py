@@ -65,7 +65,9 @@ def cmd_launch(args: list[str]) -> int:
     t0 = time.time()
     code = subprocess.call(cmd, env=env)
     if code:  # on success rank 0's `run_dir:` stays the last line
-        print(f"launch failed after {time.time() - t0:.1f}s with exit code {code}", file=sys.stderr, flush=True)
+        print(
+            f"launch failed after {time.time() - t0:.1f}s with exit code {code}", file=sys.stderr, flush=True
+        )
     return code
 
 

@@ -204,12 +204,12 @@ def to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str], where: s
         return msgs
     if fmt == "alpaca":
         instruction = _text(_col(row, columns, "instruction", where), where, "instruction")
-        extra = _col(row, columns, "input", where, required=False)
-        if extra is None:
-            extra = row.get(columns.get("context", "context"))
-        output = _col(row, columns, "output", where, required=False)
-        if output is None:
-            output = _col(row, columns, "response", where)
+        extra = row.get(columns.get("input", "input"), row.get(columns.get("context", "context")))
+        # Alpaca's `output`, else Dolly's `response`; a present-but-null field is a type error, not "missing".
+        out_key = columns.get("output", "output")
+        if out_key not in row and columns.get("response", "response") in row:
+            out_key = columns.get("response", "response")
+        output = _col(row, {"output": out_key}, "output", where)
         user = instruction + (f"\n\n{_text(extra, where, 'input')}" if extra else "")
         msgs = [
             {"role": "user", "content": user},
@@ -219,9 +219,10 @@ def to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str], where: s
         return ([{"role": "system", "content": system}] if isinstance(system, str) and system else []) + msgs
     if fmt == "prompt_completion":
         prompt = _col(row, columns, "prompt", where)
-        completion = _col(row, columns, "completion", where, required=False)
-        if completion is None:
-            completion = _col(row, columns, "response", where)
+        comp_key = columns.get("completion", "completion")
+        if comp_key not in row and columns.get("response", "response") in row:
+            comp_key = columns.get("response", "response")
+        completion = _col(row, {"completion": comp_key}, "completion", where)
         head = (
             to_messages({"messages": prompt}, "messages", {}, where)
             if isinstance(prompt, list)

@@ -1,0 +1,142 @@
+"""The SmolTalk preset on small local stand-ins with the real columns: every filter counts what it drops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.config import compose
+from launcher.data.pipeline import prepare_data
+from launcher.data.sources import RowError
+from launcher.model import load_tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def conv(turns: int, words: int = 3, system: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    for t in range(turns):
+        msgs += [
+            {"role": "user", "content": f"question {t} " + "word " * words},
+            {"role": "assistant", "content": f"answer {t}"},
+        ]
+    return msgs
+
+
+@pytest.fixture
+def standins(tmp_path):
+    everyday = [{"messages": conv(1 + i % 3), "full_topic": "x"} for i in range(12)]
+    magpie = (
+        [{"messages": conv(1), "category": "math"} for _ in range(5)]
+        + [{"messages": conv(1), "category": "coding"} for _ in range(4)]
+        + [{"messages": conv(3), "category": "advice-seeking"} for _ in range(3)]  # > 2 turns
+        + [{"messages": conv(1, words=700), "category": "editing"} for _ in range(2)]  # >= 512 tokens
+        + [{"messages": conv(2), "category": "editing"} for _ in range(6)]  # kept
+    )
+    smol = [{"messages": conv(1, system="Rewrite politely."), "source": "s"} for _ in range(30)]
+    return {
+        "everyday": write_jsonl(tmp_path / "everyday.jsonl", everyday),
+        "magpie": write_jsonl(tmp_path / "magpie.jsonl", magpie),
+        "smol": write_jsonl(tmp_path / "smol.jsonl", smol),
+    }
+
+
+def test_smoltalk_preset_on_local_standins(standins):
+    cfg = compose(
+        [
+            "data=smoltalk",
+            "data.eval_fraction=0",
+            f"data.sources.0.path={standins['everyday']}",
+            f"data.sources.1.path={standins['magpie']}",
+            f"data.sources.2.path={standins['smol']}",
+            f"data.sources.3.path={standins['smol']}",
+            f"data.sources.4.path={standins['smol']}",
+            "data.sources.2.sample=10",
+            "data.sources.3.sample=10",
+            "data.sources.4.sample=10",
+        ]
+    )
+    tok = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg.data, tok)
+    report = {r["name"]: r for r in prepared.report["sources"]}
+    assert report["everyday-conversations"]["kept"] == 12 and not report["everyday-conversations"]["dropped"]
+    magpie = report["magpie-ultra"]
+    assert magpie["rows_read"] == 20
+    assert magpie["dropped"] == {"exclude:category": 9, "max_turns": 3, "max_tokens": 2}
+    assert magpie["kept"] == 6
+    for name in ("smol-rewrite", "smol-constraints", "smol-summarize"):
+        assert report[name]["kept"] == 10 and report[name]["dropped"] == {"sampled_out": 20}
+    assert prepared.report["train"]["conversations"] == 12 + 6 + 30
+    # Folded system prompts: no system turn is left, its text leads the user turn.
+    text = tok.decode(
+        prepared.train_rows[0]["input_ids"] + sum((r["input_ids"] for r in prepared.train_rows[1:]), [])
+    )
+    assert "<|im_start|>system" not in text and "Rewrite politely.\n\nquestion 0" in text
+
+
+@pytest.mark.badinput
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": conv(1)}) + "\n{not json\n")
+    cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"])
+    with pytest.raises(RowError, match=r"bad.jsonl:2: malformed JSON"):
+        prepare_data(cfg.data, load_tokenizer(cfg.model))
+    cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", "data.on_error=skip"])
+    prepared = prepare_data(cfg.data, load_tokenizer(cfg.model))
+    assert prepared.report["sources"][0]["dropped"] == {"malformed_json": 1}
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ({"messages": [{"role": "wizard", "content": "x"}]}, r"bad.jsonl:1: messages\[0\].role='wizard'"),
+        ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\].content' must be a string"),
+        ({"conversations": [{"from": "human"}]}, r"conversations\[0\] needs 'from' and 'value'"),
+        ({"instruction": "x", "output": None}, r"field 'output' must be a string"),
+        ({"text": "x"}, r"cannot detect the format from columns \['text'\]"),
+    ],
+)
+def test_bad_rows_name_source_row_and_field(tmp_path, row, match):
+    path = write_jsonl(tmp_path / "bad.jsonl", [row])
+    cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"])
+    with pytest.raises(RowError, match=match):
+        prepare_data(cfg.data, load_tokenizer(cfg.model))
+
+
+@pytest.mark.badinput
+def test_conversations_without_assistant_turns_are_counted_drops(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": conv(1)},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+    ]
+    cfg = compose(
+        [f"data.sources=[{{path: {write_jsonl(tmp_path / 'd.jsonl', rows)}}}]", "data.eval_sources=[]"]
+    )
+    prepared = prepare_data(cfg.data, load_tokenizer(cfg.model))
+    assert prepared.report["sources"][0]["dropped"] == {"no_assistant": 1, "empty_assistant": 1}
+    assert prepared.report["sources"][0]["kept"] == 1
+
+
+def test_real_fixture_formats_load(tmp_path):
+    from tests.conftest import fixture_path
+
+    # Auto-detected formats, and a Dolly subset whose response lives in `text` (mapped with `columns`).
+    for name, extra in [
+        ("alpaca_gpt4_en_demo.json", ""),
+        ("sharegpt_vicuna_dummy_conversation.json", ""),
+        ("sharegpt_glaive_toolcall_en_demo.json", ""),
+        ("dolly15k_partial_instruction_response.jsonl", ", format: alpaca, columns: {output: text}"),
+    ]:
+        path = fixture_path("data", name)
+        cfg = compose(
+            [f"data.sources=[{{path: {path}{extra}}}]", "data.eval_sources=[]", "data.max_length=4096"]
+        )
+        prepared = prepare_data(cfg.data, load_tokenizer(cfg.model))
+        src = prepared.report["sources"][0]
+        assert src["kept"] > 0 and src["kept"] + sum(src["dropped"].values()) == src["rows_read"], (name, src)
