@@ -134,7 +134,11 @@ def _varlen_forward(
     k = key.transpose(1, 2).reshape(n, key.shape[1], d)
     v = value.transpose(1, 2).reshape(n, value.shape[1], d)
     params = inspect.signature(varlen_attn).parameters
-    call: dict[str, Any] = {"scale": scaling}
+    call: dict[str, Any] = {}
+    if "scale" in params:
+        call["scale"] = scaling
+    elif scaling is not None and abs(scaling - d**-0.5) > 1e-12:
+        q = q * (scaling * d**0.5)  # older kernels always scale by 1/sqrt(d): pre-scale q to get `scaling`
     if "window_size" in params:
         call["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     else:  # torch 2.9/2.10: causal flag, no windows

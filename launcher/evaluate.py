@@ -27,9 +27,10 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies, number of target tokens); labels are unshifted (HF style)."""
-    targets = labels[:, 1:].reshape(-1)
+    # Shift the labels, not the logits: slicing [B, T, V] logits would copy them (and their gradient) whole.
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
     loss_sum = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        logits.reshape(-1, logits.shape[-1]).float(),
         targets,
         ignore_index=IGNORE_INDEX,
         reduction="sum",

@@ -81,10 +81,12 @@ def collate(
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: (v.to(device) if hasattr(v, "to") and not isinstance(v, (int, bool)) else v)
-        for k, v in batch.items()
-    }
+    """Move a collated batch; a flex BlockMask is rebuilt on the device (its mask_mod captured CPU tensors)."""
+    out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    mask = out.get("attention_mask")
+    if mask is not None and not isinstance(mask, torch.Tensor) and device.type != "cpu":
+        out["attention_mask"] = document_block_mask(out["position_ids"])
+    return out
 
 
 def pack_cost(row: dict[str, Sequence[int]]) -> tuple[int, int]:

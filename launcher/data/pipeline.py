@@ -33,9 +33,16 @@ from launcher.data.sources import (
     source_name,
     to_messages,
 )
-from launcher.data.template import IGNORE_INDEX, TemplateError, encode_conversation
+from launcher.data.template import (
+    IGNORE_INDEX,
+    Rendered,
+    TemplateError,
+    encode_conversation,
+    render_conversation,
+    tokenize_rendered,
+)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -50,10 +57,8 @@ def _n_trained(labels: list[int]) -> int:
     return sum(1 for x in labels if x != IGNORE_INDEX)
 
 
-def _encode_fitting(tok: Any, msgs: list[dict], data_cfg: Any, template: str | None, report: SourceReport):
-    """Encode, handling conversations longer than max_length; returns None (counted) when dropped."""
-    train_on = data_cfg.train_on.value
-    enc = encode_conversation(tok, msgs, train_on=train_on, chat_template=template)
+def _fit(tok: Any, msgs: list[dict], enc: dict, data_cfg: Any, template: str | None, report: SourceReport):
+    """Handle a conversation longer than max_length; returns None (counted) when it is dropped."""
     if len(enc["input_ids"]) <= data_cfg.max_length:
         return enc
     if data_cfg.overlong.value == "drop":
@@ -63,7 +68,7 @@ def _encode_fitting(tok: Any, msgs: list[dict], data_cfg: Any, template: str | N
     for k in range(len(msgs) - 1, 0, -1):
         if msgs[k - 1]["role"] != "assistant":
             continue
-        shorter = encode_conversation(tok, msgs[:k], train_on=train_on, chat_template=template)
+        shorter = encode_conversation(tok, msgs[:k], train_on=data_cfg.train_on.value, chat_template=template)
         if len(shorter["input_ids"]) <= data_cfg.max_length:
             report.truncated_trained_tokens += _n_trained(enc["labels"]) - _n_trained(shorter["labels"])
             report.truncated += 1
@@ -72,13 +77,16 @@ def _encode_fitting(tok: Any, msgs: list[dict], data_cfg: Any, template: str | N
     return None
 
 
+TOKENIZE_CHUNK = 1024  # conversations per batched tokenizer call (the Rust side spreads a batch over cores)
+
+
 def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tuple[list[tuple], SourceReport]:
     """Read, filter, normalise and encode one source. Returns [(messages, encoded)] and its report."""
     report = SourceReport(source_name(src))
     on_error = data_cfg.on_error.value
-    out = []
     fmt = None if src.format.value == "auto" else src.format.value
     columns = dict(src.columns)
+    pending: list[tuple[list[dict], Rendered]] = []
     for where, row in read_rows(src, on_error, report):
         report.rows_read += 1
         reason = passes_filters(row, src)
@@ -102,21 +110,27 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
             report.drop("max_turns")
             continue
         try:
-            enc = _encode_fitting(tok, msgs, data_cfg, template, report)
+            pending.append((msgs, render_conversation(tok, msgs, data_cfg.train_on.value, template)))
         except TemplateError as e:
             if on_error == "skip":
                 report.drop("template_mismatch")
                 continue
             raise TemplateError(f"{where}: {e}") from None
-        if enc is None:
-            continue
-        if src.max_tokens is not None and len(enc["input_ids"]) >= src.max_tokens:
-            report.drop("max_tokens")
-            continue
-        if _n_trained(enc["labels"]) == 0:
-            report.drop("no_trained_tokens")
-            continue
-        out.append((msgs, enc))
+
+    out = []
+    for i in range(0, len(pending), TOKENIZE_CHUNK):
+        chunk = pending[i : i + TOKENIZE_CHUNK]
+        for (msgs, _), enc in zip(chunk, tokenize_rendered(tok, [r for _, r in chunk])):
+            enc = _fit(tok, msgs, enc, data_cfg, template, report)
+            if enc is None:
+                continue
+            if src.max_tokens is not None and len(enc["input_ids"]) >= src.max_tokens:
+                report.drop("max_tokens")
+                continue
+            if _n_trained(enc["labels"]) == 0:
+                report.drop("no_trained_tokens")
+                continue
+            out.append((msgs, enc))
     return out, report
 
 

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import re
 import warnings
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -75,6 +79,19 @@ def _closing_tokens(tokenizer: Any) -> tuple[str, ...]:
     return tuple(sorted(closers))
 
 
+_CLOSERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _closers_cached(tokenizer: Any) -> re.Pattern[str]:
+    # Keyed by tokenizer and its special-token count: adding ChatML tokens later changes the set.
+    key = len(tokenizer.all_special_tokens)
+    hit = _CLOSERS.get(tokenizer)
+    if hit is None or hit[0] != key:
+        hit = (key, _special_token_regex(_closing_tokens(tokenizer)))
+        _CLOSERS[tokenizer] = hit
+    return hit[1]
+
+
 def _closing_end(text: str, content_end: int, specials_re: re.Pattern[str]) -> int:
     """End of the special token(s) that close the turn directly after its content (content_end if none)."""
     m = specials_re.match(text, content_end)
@@ -90,7 +107,8 @@ def _assistant_spans_prefix(
         if msg["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], True, template) if i else ""
-        turn = _render(tokenizer, messages[: i + 1], False, template)
+        # The conversation up to its last message is the full rendering: no need to render it again.
+        turn = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False, template)
         if not (turn.startswith(prompt) and full.startswith(turn)):
             return None
         start = turn.find(msg["content"], len(prompt))
@@ -120,6 +138,57 @@ def _assistant_spans_search(messages: Sequence[Message], full: str) -> list[tupl
     return spans
 
 
+@dataclass
+class Rendered:
+    """A conversation rendered by its template, with the character spans that carry labels."""
+
+    text: str
+    trained: list[tuple[int, int]]
+
+
+def render_conversation(
+    tokenizer: Any, messages: Sequence[Message], train_on: str = "all", chat_template: str | None = None
+) -> Rendered:
+    """Render with the chat template and find the trained character spans (content + closing token)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; offsets are needed to map masks"
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant message: nothing to train on")
+    full = _render(tokenizer, messages, False, chat_template)
+    spans = _assistant_spans_prefix(tokenizer, messages, full, chat_template)
+    if spans is None:
+        spans = _assistant_spans_search(messages, full)
+    if train_on == "last":
+        spans = spans[-1:]
+    closers = _closers_cached(tokenizer)
+    return Rendered(full, [(s, _closing_end(full, e, closers)) for s, e in spans])
+
+
+def tokenize_rendered(tokenizer: Any, rendered: Sequence[Rendered]) -> list[dict[str, list[int]]]:
+    """Tokenize many rendered conversations in one batched call; a token overlapping a trained span is trained."""
+    if not rendered:
+        return []
+    enc = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        ids_np = np.asarray(ids, dtype=np.int64)
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        labels = np.full(len(ids_np), IGNORE_INDEX, dtype=np.int64)
+        if r.trained and len(ids_np):
+            starts = np.asarray([s for s, _ in r.trained])
+            ends = np.asarray([e for _, e in r.trained])
+            a, b = off[:, 0], off[:, 1]
+            k = np.searchsorted(ends, a, side="right")  # first span ending after the token starts
+            valid = k < len(ends)
+            s_k = starts[np.minimum(k, len(ends) - 1)]
+            hit = valid & ((s_k < b) | ((a == b) & (s_k <= a)))
+            labels[hit] = ids_np[hit]
+        out.append({"input_ids": ids_np.tolist(), "labels": labels.tolist()})
+    return out
+
+
 def encode_conversation(
     tokenizer: Any,
     messages: Sequence[Message],
@@ -137,34 +206,9 @@ def encode_conversation(
     Returns:
         `{"input_ids": [...], "labels": [...]}`, labels unshifted with -100 for untrained positions.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"{type(tokenizer).__name__} is not a fast tokenizer; offsets are needed to map masks"
-        )
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("conversation has no assistant message: nothing to train on")
-    full = _render(tokenizer, messages, False, chat_template)
-    spans = _assistant_spans_prefix(tokenizer, messages, full, chat_template)
-    if spans is None:
-        spans = _assistant_spans_search(messages, full)
-    if train_on == "last":
-        spans = spans[-1:]
-    specials_re = _special_token_regex(_closing_tokens(tokenizer))
-    trained = [(s, _closing_end(full, e, specials_re)) for s, e in spans]
-
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids: list[int] = enc["input_ids"]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    k = 0
-    for t, (a, b) in enumerate(enc["offset_mapping"]):
-        while k < len(trained) and trained[k][1] <= a:
-            k += 1
-        if k == len(trained):
-            break
-        s, e = trained[k]
-        if b > s and a < e or (a == b and s <= a < e):
-            labels[t] = input_ids[t]
-    return {"input_ids": input_ids, "labels": labels}
+    return tokenize_rendered(tokenizer, [render_conversation(tokenizer, messages, train_on, chat_template)])[
+        0
+    ]
 
 
 def ensure_chat_template(tokenizer: Any, override: str | None = None) -> bool:
