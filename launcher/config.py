@@ -194,6 +194,9 @@ class TrainConfig:
     """Export a Hugging Face model to <run_dir>/export at the end."""
     save_final_checkpoint: bool = True
     """Save a sharded checkpoint after the last step."""
+    resume: str | None = None
+    """Resume from a DeepSpeed checkpoint dir (`auto`: <run_dir>/checkpoints if it has one); weights, optimizer,
+    schedule and data position are restored, so the run continues exactly."""
     check_packing: bool = True
     """Before training, compare packed vs per-document logits on a real batch."""
     exact_match_eval: bool = False

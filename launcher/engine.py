@@ -171,9 +171,14 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, client_state: dict) 
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client_state)
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict | None:
-    _, client_state = engine.load_checkpoint(str(ckpt_dir))
-    return client_state
+def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:
+    """Restore weights, optimizer and LR schedule from the `latest` tag; returns our client state."""
+    path, client_state = engine.load_checkpoint(
+        str(ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise ValueError(f"could not load a DeepSpeed checkpoint from {ckpt_dir}")
+    return client_state or {}
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:

@@ -67,6 +67,18 @@ def build_data(cfg: DictConfig, tok: Any, info: ds_engine.DistInfo) -> Prepared:
     return prepared
 
 
+def resume(eng: Any, setting: str | None, run_dir: Path) -> int:
+    """Load the checkpoint named by train.resume and return the step to continue from (0: fresh start)."""
+    if not setting:
+        return 0
+    ckpt_dir = run_dir / "checkpoints" if setting == "auto" else Path(setting)
+    if not (ckpt_dir / "latest").exists():
+        if setting == "auto":
+            return 0
+        raise ValueError(f"train.resume={setting}: no DeepSpeed checkpoint there (no 'latest' file)")
+    return int(ds_engine.load_checkpoint(eng, ckpt_dir)["step"])
+
+
 def build_optimizer(model: torch.nn.Module, t: Any) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (no decay on biases and norms) and a factory for warmup + cosine/linear/constant decay.
 
@@ -198,12 +210,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pad_id = tok.pad_token_id
     results: dict[str, Any] = {"run_dir": str(run_dir)}
 
+    start_step = resume(eng, t.resume, run_dir)
+    say(rank, f"resumed at step {start_step}" if start_step else "starting at step 0")
     if t.check_packing:
         results.update(
             check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2)
         )
         say(rank, f"packing self-check: {results}")
-    if t.exact_match_eval:
+    if t.exact_match_eval and not start_step:
         results["accuracy_before"] = exact_match(
             eng.module, tok, data.eval_conversations[: t.exact_match_max_examples], t.max_new_tokens, device
         )
@@ -211,8 +225,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- the loop ----
     peak = peak_flops(device)
-    steps = iter(sampler)
-    step, first_loss, metrics = 0, None, {}
+    steps = sampler.steps_from(start_step)
+    step, first_loss, metrics = start_step, None, {}
     while step < t.max_steps:
         my_rows = [data.train_rows[i] for i in next(steps)]
         t_step = time.time()
@@ -276,7 +290,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if t.exact_match_eval:
             say(
                 rank,
-                f"accuracy: before={results['accuracy_before']:.3f} after={results['accuracy_after']:.3f}",
+                # before is not measured when resuming
+                f"accuracy: before={results.get('accuracy_before', float('nan')):.3f} "
+                f"after={results['accuracy_after']:.3f}",
             )
         say(rank, f"run_dir: {run_dir}")
     dist.barrier()

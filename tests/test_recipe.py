@@ -140,3 +140,24 @@ def test_real_fixture_formats_load(tmp_path):
         prepared = prepare_data(cfg.data, load_tokenizer(cfg.model))
         src = prepared.report["sources"][0]
         assert src["kept"] > 0 and src["kept"] + sum(src["dropped"].values()) == src["rows_read"], (name, src)
+
+
+def test_prepared_data_is_cached_by_content(tmp_path, monkeypatch):
+    import launcher.data.pipeline as pipeline
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": conv(1 + i % 2)} for i in range(20)])
+    cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"])
+    tok = load_tokenizer(cfg.model)
+    first = pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=True)
+    assert first.report["cache"]["hit"] is False
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a warm cache must not re-tokenize")
+
+    monkeypatch.setattr(pipeline, "tokenize_rendered", no_tokenizing)
+    again = pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=False)
+    assert again.report["cache"]["hit"] is True and again.train_rows == first.train_rows
+    # Any change to the recipe is a different content hash: the cache misses (and here would re-tokenize).
+    changed = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", "data.max_length=300"])
+    with pytest.raises(FileNotFoundError):
+        pipeline.cached_prepare(changed.data, tok, None, str(tmp_path / "cache"), build=False)

@@ -137,8 +137,12 @@ class StepSampler:
         }
         return steps
 
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch = 0
+    def steps_from(self, step: int) -> Iterator[list[int]]:
+        """This rank's packs for every step from `step` on: the order is a pure function of (seed, epoch)."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
         while True:
-            yield from self.epoch_steps(epoch)
-            epoch += 1
+            yield from self.epoch_steps(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.steps_from(0)
