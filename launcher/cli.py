@@ -40,9 +40,12 @@ def cmd_launch(args: list[str]) -> int:
     nproc = None
     if args[:1] == ["--nproc"]:
         nproc, args = int(args[1]), args[2:]
+    from launcher.config import validate
+
     cfg = _compose(args)  # fail here, before starting processes, on a bad config
     if nproc is None:
         nproc = torch.cuda.device_count() or 2
+    validate(cfg, nproc)
     if not any(a.startswith("run_dir=") for a in args):
         # One run dir for all ranks, fixed before they start.
         args = [*args, f"run_dir={Path(cfg.run_dir).resolve()}"]

@@ -68,3 +68,14 @@ def test_cli_bad_config_is_one_clear_line():
     )
     assert out.returncode == 2
     assert "max_stepz" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.badinput
+def test_launch_validates_before_starting_ranks():
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", "train.global_batch_size=7"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "global_batch_size=7" in out.stderr and "launching" not in out.stdout

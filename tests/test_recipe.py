@@ -161,3 +161,10 @@ def test_prepared_data_is_cached_by_content(tmp_path, monkeypatch):
     changed = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", "data.max_length=300"])
     with pytest.raises(FileNotFoundError):
         pipeline.cached_prepare(changed.data, tok, None, str(tmp_path / "cache"), build=False)
+
+
+@pytest.mark.badinput
+def test_missing_local_file_is_not_mistaken_for_a_hub_id(tmp_path):
+    cfg = compose([f"data.sources=[{{path: {tmp_path}/data/missing.jsonl}}]", "data.eval_sources=[]"])
+    with pytest.raises(ValueError, match="missing.jsonl: no such file"):
+        prepare_data(cfg.data, load_tokenizer(cfg.model))

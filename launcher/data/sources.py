@@ -114,6 +114,8 @@ def read_rows(src: Any, on_error: str, report: SourceReport) -> Iterator[tuple[s
             yield f"{path}[{i}]", row
     elif path.is_file():
         raise ValueError(f"data source {path}: unsupported file type {suffix!r} (json, jsonl, csv, parquet)")
+    elif suffix in (".json", ".jsonl", ".csv", ".parquet"):
+        raise ValueError(f"data source {path}: no such file")
     else:
         yield from _read_hf(src, path)
 
