@@ -38,6 +38,22 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
+def target_token_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `token_loss`, but the LM head runs only at positions that predict a target.
+
+    Assistant-only SFT trains a fraction of the tokens, and for large vocabularies the [T, V] logits (and their
+    gradient) dominate activation memory: `logits_to_keep` slices the hidden states before the projection.
+    """
+    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(0).nonzero().flatten()  # positions with a target in any row
+    logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # [B, K, V]
+    kept = targets[:, keep].reshape(-1)
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), kept, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (kept != IGNORE_INDEX).sum()
+
+
 def _shard(items: Sequence[Any], rank: int, world: int, per_batch: int) -> list[list[Any] | None]:
     """This rank's batches, padded with None so that every rank runs the same number of batches."""
     mine = list(items[rank::world])
@@ -59,7 +75,7 @@ def eval_loss(
     for batch_rows in _shard(rows, rank, world, micro_batch):
         real = batch_rows is not None
         batch = to_device(collate(batch_rows if real else rows[:1], attention, pad_id), device)
-        loss_sum, n = token_loss(model(**model_inputs(batch)).logits, batch["labels"])
+        loss_sum, n = target_token_loss(model, batch)
         if real:
             total += torch.stack([loss_sum.double(), n.double()])
     dist.all_reduce(total)

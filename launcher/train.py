@@ -31,7 +31,7 @@ from launcher.config import validate
 from launcher.data.loader import StepSampler, collate, to_device
 from launcher.data.packing import doc_lengths
 from launcher.data.pipeline import Prepared, cached_prepare, format_report
-from launcher.evaluate import check_packing, eval_loss, exact_match, model_inputs, token_loss
+from launcher.evaluate import check_packing, eval_loss, exact_match, target_token_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, load_tokenizer
 
@@ -148,7 +148,7 @@ def train_step(
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     for b in batches:
         b = to_device(b, device)
-        loss_sum, _ = token_loss(eng(**model_inputs(b)).logits, b["labels"])
+        loss_sum, _ = target_token_loss(eng, b)
         # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum.
         ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
         eng.step()

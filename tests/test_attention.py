@@ -159,3 +159,23 @@ def test_packed_eval_loss_equals_unpacked(model_dirs):
             s, n = zip(*(token_loss(model(**b).logits, b["labels"]) for b in batches))
             sums.append((sum(s) / sum(n)).item())
     assert abs(sums[0] - sums[1]) < 1e-6
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_target_only_lm_head_gives_the_same_loss_and_gradients(model_dirs, attention):
+    from launcher.evaluate import target_token_loss
+
+    model = load_model(str(model_dirs["llama_tied"]), attention=attention)
+    batch = collate(pack_examples(documents(3), max_length=24), attention)
+    results = []
+    for fn in (
+        lambda: token_loss(model(**batch).logits, batch["labels"]),
+        lambda: target_token_loss(model, batch),
+    ):
+        model.zero_grad()
+        s, n = fn()
+        (s / n).backward()
+        results.append((s.item(), n.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (s0, n0, g0), (s1, n1, g1) = results
+    assert n0 == n1 and abs(s0 - s1) < 1e-4
+    torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
