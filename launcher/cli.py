@@ -28,9 +28,13 @@ def _compose(overrides: list[str]):
 
 
 def cmd_train(overrides: list[str]) -> int:
+    from launcher.engine import shutdown
     from launcher.train import train
 
-    train(_compose(overrides))
+    try:
+        train(_compose(overrides))
+    finally:
+        shutdown()  # also on a user error, so the exit code stays 2 rather than an abort at teardown
     return 0
 
 

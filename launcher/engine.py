@@ -71,6 +71,16 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
     )
 
 
+def shutdown() -> None:
+    """Tear the process groups down before the interpreter exits.
+
+    Left to interpreter teardown, gloo's worker threads can be destroyed while still joinable, and the process
+    aborts ("terminate called without an active exception", exit -6) after its work is done.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 

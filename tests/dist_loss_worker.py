@@ -64,6 +64,7 @@ def main(micro: int, accum: int, out: str) -> None:
                 {"loss": out_step["loss"], "weights": weights, "tokens": out_step["trained_tokens"]}, out
             )
     dist.barrier()
+    ds_engine.shutdown()
 
 
 if __name__ == "__main__":
