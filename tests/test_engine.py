@@ -1,0 +1,48 @@
+"""The DeepSpeed dict is built from the typed config in one place; a user's JSON is merged on top."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.config import compose
+from launcher.engine import build_ds_config
+
+
+def test_generated_dict_from_the_typed_config():
+    cfg = compose(["train.global_batch_size=16", "train.micro_batch_size=2", "train.grad_clip=0.5"])
+    ds = build_ds_config(cfg.deepspeed, cfg.train, world_size=4, bf16=True)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert "auto" not in json.dumps(ds), "HF-style 'auto' values are resolved, never handed to DeepSpeed"
+
+
+def test_offload_preset():
+    cfg = compose(["deepspeed=zero3_offload"])
+    ds = build_ds_config(cfg.deepspeed, cfg.train, world_size=1, bf16=False)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_user_json_overrides_generated_keys(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(
+        json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}, "wall_clock_breakdown": True})
+    )
+    cfg = compose([f"deepspeed.config_file={path}"])
+    ds = build_ds_config(cfg.deepspeed, cfg.train, world_size=1, bf16=False)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert ds["zero_optimization"]["stage"] == 3, "keys the user did not set are kept"
+    assert ds["wall_clock_breakdown"] is True
+
+
+@pytest.mark.badinput
+def test_malformed_user_json_names_file_and_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "zero_optimization": {\n    "stage": 3,\n  }\n}')
+    cfg = compose([f"deepspeed.config_file={path}"])
+    with pytest.raises(ValueError, match=r"ds.json:4: malformed JSON"):
+        build_ds_config(cfg.deepspeed, cfg.train, world_size=1, bf16=False)
