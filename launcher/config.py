@@ -157,6 +157,8 @@ class DataConfig:
     """Malformed rows: raise with file/row/field, or skip and count."""
     seed: int = 0
     """Seed for sampling, splits and pack order."""
+    num_proc: int = 1
+    """Processes that render + tokenize conversations when preparing data (chunks of 1024, order kept)."""
 
 
 @dataclass

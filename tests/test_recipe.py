@@ -168,3 +168,37 @@ def test_missing_local_file_is_not_mistaken_for_a_hub_id(tmp_path):
     cfg = compose([f"data.sources=[{{path: {tmp_path}/data/missing.jsonl}}]", "data.eval_sources=[]"])
     with pytest.raises(ValueError, match="missing.jsonl: no such file"):
         prepare_data(cfg.data, load_tokenizer(cfg.model))
+
+
+def test_worker_processes_give_identical_data(tmp_path):
+    rows = [{"messages": conv(1 + i % 3, words=i % 7)} for i in range(2500)]  # 3 chunks of work
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    base = [f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"]
+    tok = load_tokenizer(compose(base).model)
+    one = prepare_data(compose(base).data, tok)
+    two = prepare_data(compose([*base, "data.num_proc=2"]).data, tok)
+    assert one.train_rows == two.train_rows and one.report["sources"] == two.report["sources"]
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_template_that_defeats_masking_raises_with_location_or_is_counted(tmp_path, num_proc):
+    from launcher.data.template import TemplateError
+
+    shouting = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}"
+    )
+    # Upper-casing leaves digits-only answers verbatim: those rows still train, the others cannot be masked.
+    rows = [{"messages": conv(1)}] * 1500 + [
+        {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]}
+    ] * 600
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    base = [f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", f"data.num_proc={num_proc}"]
+    tok = load_tokenizer(compose(base).model)
+    with pytest.raises(TemplateError, match=r"d.jsonl:1: the chat template rewrites assistant message #1"):
+        prepare_data(compose(base).data, tok, template=shouting)
+    prepared = prepare_data(compose([*base, "data.on_error=skip"]).data, tok, template=shouting)
+    assert prepared.report["sources"][0]["dropped"] == {"template_mismatch": 1500}
+    assert prepared.report["sources"][0]["kept"] == 600

@@ -86,7 +86,7 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
     on_error = data_cfg.on_error.value
     fmt = None if src.format.value == "auto" else src.format.value
     columns = dict(src.columns)
-    pending: list[tuple[list[dict], Rendered]] = []
+    pending: list[tuple[str, list[dict]]] = []
     for where, row in read_rows(src, on_error, report):
         report.rows_read += 1
         reason = passes_filters(row, src)
@@ -109,29 +109,65 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
         if src.max_turns is not None and sum(m["role"] == "assistant" for m in msgs) > src.max_turns:
             report.drop("max_turns")
             continue
-        try:
-            pending.append((msgs, render_conversation(tok, msgs, data_cfg.train_on.value, template)))
-        except TemplateError as e:
+        pending.append((where, msgs))
+
+    out = []
+    chunks = [[m for _, m in pending[i : i + TOKENIZE_CHUNK]] for i in range(0, len(pending), TOKENIZE_CHUNK)]
+    encoded = _encode_chunks(tok, chunks, data_cfg.train_on.value, template, data_cfg.num_proc)
+    for (where, msgs), enc in zip(pending, (e for chunk in encoded for e in chunk)):
+        if isinstance(enc, TemplateError):
             if on_error == "skip":
                 report.drop("template_mismatch")
                 continue
-            raise TemplateError(f"{where}: {e}") from None
-
-    out = []
-    for i in range(0, len(pending), TOKENIZE_CHUNK):
-        chunk = pending[i : i + TOKENIZE_CHUNK]
-        for (msgs, _), enc in zip(chunk, tokenize_rendered(tok, [r for _, r in chunk])):
-            enc = _fit(tok, msgs, enc, data_cfg, template, report)
-            if enc is None:
-                continue
-            if src.max_tokens is not None and len(enc["input_ids"]) >= src.max_tokens:
-                report.drop("max_tokens")
-                continue
-            if _n_trained(enc["labels"]) == 0:
-                report.drop("no_trained_tokens")
-                continue
-            out.append((msgs, enc))
+            raise TemplateError(f"{where}: {enc}") from None
+        enc = _fit(tok, msgs, enc, data_cfg, template, report)
+        if enc is None:
+            continue
+        if src.max_tokens is not None and len(enc["input_ids"]) >= src.max_tokens:
+            report.drop("max_tokens")
+            continue
+        if _n_trained(enc["labels"]) == 0:
+            report.drop("no_trained_tokens")
+            continue
+        out.append((msgs, enc))
     return out, report
+
+
+def _encode_chunk(tok: Any, convs: list[list[dict]], train_on: str, template: str | None) -> list:
+    """Render + tokenize one chunk; a conversation whose template defeats masking yields its TemplateError."""
+    rendered: list[Rendered | TemplateError] = []
+    for msgs in convs:
+        try:
+            rendered.append(render_conversation(tok, msgs, train_on, template))
+        except TemplateError as e:
+            rendered.append(e)
+    encs = iter(tokenize_rendered(tok, [r for r in rendered if isinstance(r, Rendered)]))
+    return [r if isinstance(r, TemplateError) else next(encs) for r in rendered]
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(tok: Any, train_on: str, template: str | None) -> None:
+    _WORKER.update(tok=tok, train_on=train_on, template=template)
+
+
+def _worker_encode(convs: list[list[dict]]) -> list:
+    return _encode_chunk(_WORKER["tok"], convs, _WORKER["train_on"], _WORKER["template"])
+
+
+def _encode_chunks(tok: Any, chunks: list, train_on: str, template: str | None, num_proc: int) -> list:
+    """Encode chunks in order, in `num_proc` worker processes when there is enough work to pay for them."""
+    if num_proc <= 1 or len(chunks) < 2:
+        return [_encode_chunk(tok, c, train_on, template) for c in chunks]
+    import multiprocessing
+
+    # spawn, not fork: the parent may already hold gloo and tokenizer threads, which fork would copy mid-lock.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(
+        min(num_proc, len(chunks)), initializer=_worker_init, initargs=(tok, train_on, template)
+    ) as pool:
+        return pool.map(_worker_encode, chunks, chunksize=1)
 
 
 def fingerprint(data_cfg: Any, tok: Any, template: str | None) -> str:
