@@ -63,19 +63,14 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(path), path.name
 
 
-def run_ours(tok, convs: list[list[dict]], max_length: int) -> dict:
+def run_ours(tok, convs: list[list[dict]], max_length: int, num_proc: int) -> dict:
     from launcher.data import pack_examples
-    from launcher.data.pipeline import TOKENIZE_CHUNK
-    from launcher.data.template import render_conversation, tokenize_rendered
+    from launcher.data.pipeline import TOKENIZE_CHUNK, _encode_chunks
 
     t0 = time.perf_counter()
-    # The pipeline's own path: render + spans per conversation, then batched tokenization.
-    rendered = [render_conversation(tok, c) for c in convs]
-    encoded = [
-        e
-        for i in range(0, len(rendered), TOKENIZE_CHUNK)
-        for e in tokenize_rendered(tok, rendered[i : i + TOKENIZE_CHUNK])
-    ]
+    # The pipeline's own path: render + spans per conversation, batched tokenization, in num_proc processes.
+    chunks = [convs[i : i + TOKENIZE_CHUNK] for i in range(0, len(convs), TOKENIZE_CHUNK)]
+    encoded = [e for chunk in _encode_chunks(tok, chunks, "all", None, num_proc) for e in chunk]
     kept = [e for e in encoded if len(e["input_ids"]) <= max_length]
     t1 = time.perf_counter()
     rows = pack_examples(kept, max_length)
@@ -96,7 +91,7 @@ def run_ours(tok, convs: list[list[dict]], max_length: int) -> dict:
     }
 
 
-def run_trl(tok, convs: list[list[dict]], max_length: int) -> dict:
+def run_trl(tok, convs: list[list[dict]], max_length: int, num_proc: int) -> dict:
     import datasets
     from trl import SFTConfig, SFTTrainer
     from trl.chat_template_utils import qwen2_5_training_chat_template
@@ -110,7 +105,7 @@ def run_trl(tok, convs: list[list[dict]], max_length: int) -> dict:
             packing=True,
             packing_strategy="bfd",
             assistant_only_loss=True,
-            dataset_num_proc=None,
+            dataset_num_proc=num_proc if num_proc > 1 else None,
             report_to=[],
             bf16=False,
             use_cpu=True,
@@ -144,6 +139,12 @@ def main() -> None:
         "--repeat", type=int, default=3, help="repeat the conversation set N times (more stable timing)"
     )
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument(
+        "--num-proc",
+        type=int,
+        default=1,
+        help="processes for both (ours: data.num_proc; TRL: dataset_num_proc)",
+    )
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args()
 
@@ -155,8 +156,8 @@ def main() -> None:
     convs, source = load_conversations()
     convs = convs * args.repeat
     tok, tok_name = load_tokenizer()
-    ours = run_ours(tok, convs, args.max_length)
-    theirs = run_trl(tok, convs, args.max_length)
+    ours = run_ours(tok, convs, args.max_length, args.num_proc)
+    theirs = run_trl(tok, convs, args.max_length, args.num_proc)
     result = {
         "benchmark": "data_prep",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
