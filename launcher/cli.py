@@ -28,13 +28,9 @@ def _compose(overrides: list[str]):
 
 
 def cmd_train(overrides: list[str]) -> int:
-    from launcher.engine import shutdown
     from launcher.train import train
 
-    try:
-        train(_compose(overrides))
-    finally:
-        shutdown()  # also on a user error, so the exit code stays 2 rather than an abort at teardown
+    train(_compose(overrides))  # ends with a barrier: every rank has finished writing
     return 0
 
 
@@ -178,14 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        code = COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
         if os.environ.get("SFT_DEBUG"):
             raise
         # User errors (bad config, bad data): the message names the key/file/row; no traceback.
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    if argv[0] == "train":
+        from launcher.engine import exit_now
+
+        exit_now(code)  # a teardown abort must not turn a finished run into exit -6 (see exit_now)
+    return code
 
 
 if __name__ == "__main__":

@@ -71,14 +71,19 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
     )
 
 
-def shutdown() -> None:
-    """Tear the process groups down before the interpreter exits.
+def exit_now(code: int) -> None:
+    """End a distributed process without interpreter teardown, once its work is written and flushed.
 
-    Left to interpreter teardown, gloo's worker threads can be destroyed while still joinable, and the process
-    aborts ("terminate called without an active exception", exit -6) after its work is done.
+    Workaround, seen here about once in 15-20 two-rank CPU runs (torch 2.13, DeepSpeed 0.19.8): after the run has
+    finished and every file is closed, a native thread is destroyed while still joinable during teardown and the
+    process aborts ("terminate called without an active exception", exit -6), even after destroy_process_group.
+    The work is complete by then, so skipping teardown loses nothing and keeps the exit code truthful.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def bf16_supported() -> bool:

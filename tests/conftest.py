@@ -33,6 +33,24 @@ def demo_tokenizer():
     return AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
 
 
+def sft_launch(overrides: list[str], run_dir: Path, cache_dir: Path, timeout: int = 900) -> str:
+    """`sft launch --nproc 2` with overrides into run_dir; asserts success and returns its stdout."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "launch",
+        "--nproc",
+        "2",
+        *overrides,
+        f"run_dir={run_dir}",
+        f"cache_dir={cache_dir}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
 def torchrun(args: list[str], nproc: int, cwd: Path, timeout: int = 600, env: dict | None = None):
     """Run `python -m torch.distributed.run` on CPU ranks; returns the CompletedProcess (output captured)."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}

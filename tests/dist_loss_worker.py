@@ -64,7 +64,7 @@ def main(micro: int, accum: int, out: str) -> None:
                 {"loss": out_step["loss"], "weights": weights, "tokens": out_step["trained_tokens"]}, out
             )
     dist.barrier()
-    ds_engine.shutdown()
+    ds_engine.exit_now(0)  # every rank is done; see exit_now for the teardown abort it avoids
 
 
 if __name__ == "__main__":

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import sft_launch
 
 OVERRIDES = [
     "model.init.num_hidden_layers=2",
@@ -61,20 +59,7 @@ def read_wandb_history(run_file) -> list[dict]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "launch",
-        "--nproc",
-        "2",
-        *OVERRIDES,
-        f"run_dir={run_dir}",
-        f"cache_dir={run_dir.parent / 'cache'}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return run_dir, proc.stdout
+    return run_dir, sft_launch(OVERRIDES, run_dir, run_dir.parent / "cache")
 
 
 @pytest.mark.slow

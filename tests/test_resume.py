@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sft_launch
 
 # A constant schedule after warmup keeps the lr independent of max_steps (the only thing that differs between
 # the runs); a scheduler that was not restored would restart warmup at step 7 and show in the lr.
@@ -30,21 +30,7 @@ COMMON = [
 
 
 def launch(run_dir, cache, *extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "launch",
-        "--nproc",
-        "2",
-        *COMMON,
-        *extra,
-        f"run_dir={run_dir}",
-        f"cache_dir={cache}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+    return sft_launch([*COMMON, *extra], run_dir, cache, timeout=600)
 
 
 def train_rows(run_dir) -> dict[int, dict]:
