@@ -117,6 +117,15 @@ def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
     return 6 * n_params * tokens + attn
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated on CUDA; on CPU, this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak for MFU; SFT_PEAK_TFLOPS overrides for unlisted devices."""
     if os.environ.get("SFT_PEAK_TFLOPS"):
@@ -251,9 +260,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "tokens_per_s": tokens.item() / dt,
                 "trained_tokens": out["trained_tokens"],
                 "epoch": step // sampler.steps_per_epoch,
-                "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30)
-                if device.type == "cuda"
-                else 0.0,
+                "peak_mem_gb": peak_memory_gb(device),
             }
             if peak:
                 metrics["mfu"] = flops.item() / dt / (peak * world)

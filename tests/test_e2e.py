@@ -73,6 +73,7 @@ def test_run_dir_layout_and_loss_falls(run):
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
     for key in ("lr", "grad_norm", "tokens_per_s", "trained_tokens", "peak_mem_gb"):
         assert key in rows[0], key
+    assert 0.05 < [r for r in rows if "loss" in r][-1]["peak_mem_gb"] < 24, "CPU runs report the peak RSS"
     assert any("eval_loss" in r for r in rows)
 
 
