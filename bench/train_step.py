@@ -18,10 +18,6 @@ gradient checkpointing, AdamW and (on CUDA) bf16:
 | `trl_bf16`    | as `trl` with the model's weights in bf16 (pure bf16 AdamW, no fp32 master) -- optional              |
 | `ours_padded` | our step with one conversation per row, padded to the longest of its micro-batch, `sdpa` + mask     |
 | `raw_ds`      | the same ZeRO-3 engine driven by hand: `eng(**batch).loss` (the model's own HF loss), backward, step |
-| `ours_labelshift` | `ours` with the minimal proposed loss fix (bench code, not launcher code): labels shifted instead |
-|               | of slicing the logits -- optional                                                                    |
-| `ours_proposed` | `ours_labelshift` + the LM head run only where there is a target (`logits_to_keep=<bool mask>`, as |
-|               | TRL's fused head does) -- optional                                                                   |
 
 Step time is wall time from the end of one optimizer step to the end of the next (data collation included) after
 `--warmup` steps; tokens are non-pad tokens; MFU = `launcher.train.step_flops` / step time / `peak_flops`. Each
@@ -303,49 +299,8 @@ def _summary(name: str, dts: list[float], tokens: list[int], flops: list[float],
     return out
 
 
-def proposed_train_step(
-    eng: Any,
-    my_rows: list[dict],
-    micro: int,
-    attention: str,
-    device: Any,
-    pad_id: int,
-    world: int,
-    targets_only: bool = True,
-) -> dict[str, float]:
-    """`launcher.train.train_step` with the proposed loss: shift the labels rather than slicing the logits (no
-    copy of the [B, T, V] logits, no full-size zero gradient), and, with `targets_only`, project only the
-    positions that have a target (transformers' `logits_to_keep` with a boolean mask)."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from launcher import engine as ds_engine
-    from launcher.data.loader import collate, to_device
-    from launcher.evaluate import model_inputs
-
-    batches = [collate(my_rows[i : i + micro], attention, pad_id) for i in range(0, len(my_rows), micro)]
-    n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
-    dist.all_reduce(n_global)
-    loss_total = torch.zeros((), dtype=torch.float64, device=device)
-    for b in batches:
-        b = to_device(b, device)
-        targets = F.pad(b["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = eng(**model_inputs(b), logits_to_keep=keep).logits  # [n_targets, V]
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets[keep], reduction="sum"
-        )
-        ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
-        eng.step()
-        loss_total += loss_sum.detach().double()
-    dist.all_reduce(loss_total)
-    return {"loss": (loss_total / n_global.clamp(min=1)).item(), "trained_tokens": int(n_global.item())}
-
-
 class OursRunner:
-    """`ours`, `ours_padded`, `ours_proposed` or `raw_ds`: a ZeRO-3 engine built as launcher.train builds it."""
+    """`ours`, `ours_padded` or `raw_ds`: a ZeRO-3 engine built as launcher.train builds it."""
 
     def __init__(self, name: str, plan: dict, args: argparse.Namespace, info: Any):
         import torch
@@ -421,17 +376,6 @@ class OursRunner:
                 self.eng.backward(loss)
                 self.eng.step()
             loss_value = loss.item()
-        elif self.name in ("ours_proposed", "ours_labelshift"):
-            loss_value = proposed_train_step(
-                self.eng,
-                rows,
-                self.micro,
-                self.attention,
-                self.device,
-                self.pad_id,
-                1,
-                targets_only=self.name == "ours_proposed",
-            )["loss"]
         else:
             loss_value = train_step(self.eng, rows, self.micro, self.attention, self.device, self.pad_id, 1)[
                 "loss"
@@ -796,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios: dict[str, Any] = {}
     goals: dict[str, Any] = {}
     if "ours" in ok:
-        for other in ("trl", "trl_bf16", "ours_padded", "raw_ds", "ours_labelshift", "ours_proposed"):
+        for other in ("trl", "trl_bf16", "ours_padded", "raw_ds"):
             if other in ok:
                 ratios[f"ours_over_{other}_tokens_per_s"] = (
                     ok["ours"]["tokens_per_s"] / ok[other]["tokens_per_s"]
@@ -819,16 +763,6 @@ def main(argv: list[str] | None = None) -> None:
             goals["ours step time <= 1.05x raw DeepSpeed loop"] = (
                 f"{'MET' if r <= 1.05 else 'NOT MET'} ({r:.3f}x)"
             )
-    for proposed in ("ours_labelshift", "ours_proposed"):
-        for other in ("trl", "trl_bf16", "raw_ds"):
-            if proposed in ok and other in ok:
-                ratios[f"{proposed}_over_{other}_tokens_per_s"] = (
-                    ok[proposed]["tokens_per_s"] / ok[other]["tokens_per_s"]
-                )
-                if other == "raw_ds":
-                    ratios[f"{proposed}_over_raw_ds_mean_step_time"] = (
-                        ok[proposed]["mean_step_s"] / ok["raw_ds"]["mean_step_s"]
-                    )
     report = {
         "benchmark": "train_step",
         "device": device_info(),

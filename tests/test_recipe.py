@@ -157,6 +157,11 @@ def test_prepared_data_is_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "tokenize_rendered", no_tokenizing)
     again = pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=False)
     assert again.report["cache"]["hit"] is True and again.train_rows == first.train_rows
+    # The number of preparing processes is not part of the content: same hash, cache hit.
+    more_procs = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", "data.num_proc=2"])
+    assert pipeline.cached_prepare(
+        more_procs.data, tok, None, str(tmp_path / "cache"), build=False
+    ).train_rows
     # Any change to the recipe is a different content hash: the cache misses (and here would re-tokenize).
     changed = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", "data.max_length=300"])
     with pytest.raises(FileNotFoundError):

@@ -157,7 +157,7 @@ def _worker_encode(convs: list[list[dict]]) -> list:
 
 
 def _encode_chunks(tok: Any, chunks: list, train_on: str, template: str | None, num_proc: int) -> list:
-    """Encode chunks in order, in `num_proc` worker processes when there is enough work to pay for them."""
+    """Encode chunks in order, in `num_proc` spawned worker processes when asked for and there are 2+ chunks."""
     if num_proc <= 1 or len(chunks) < 2:
         return [_encode_chunk(tok, c, train_on, template) for c in chunks]
     import multiprocessing
@@ -174,9 +174,9 @@ def fingerprint(data_cfg: Any, tok: Any, template: str | None) -> str:
     """Content hash of everything that decides the prepared data."""
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}".encode())
-    h.update(
-        json.dumps(OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True), sort_keys=True).encode()
-    )
+    recipe = OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True)
+    recipe.pop("num_proc")  # how many processes prepare the data does not change the data
+    h.update(json.dumps(recipe, sort_keys=True).encode())
     h.update(tok.backend_tokenizer.to_str().encode())
     h.update((template or tok.chat_template or "").encode())
     h.update(json.dumps(sorted(map(str, tok.all_special_tokens))).encode())
