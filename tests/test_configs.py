@@ -20,13 +20,13 @@ GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF_DIR.ite
 def test_every_group_option_composes(override):
     extra = ["model.name_or_path=some/model"] if override == "model=hf" else []
     cfg = compose([override, *extra])
-    assert cfg.train.max_steps > 0
+    validate(cfg, world_size=2)  # every preset is also consistent across fields (e.g. batch sizes on 2 ranks)
 
 
 @pytest.mark.parametrize("name", GROUPS["experiment"])
 def test_every_experiment_composes(name):
     cfg = compose([f"experiment={name}"])
-    assert cfg.data.sources
+    validate(cfg, world_size=2)
 
 
 def test_unknown_key_fails_at_compose():
