@@ -4,7 +4,8 @@
 
 Same conversations (real ShareGPT/Alpaca/Dolly-shaped sets from ../shared/fixtures/data, else the bundled demo
 set), same tokenizer (Qwen2.5's from ../shared/fixtures, else the demo one), one process each, one run:
-- ours: `encode_conversation` with the tokenizer's own template, then `pack_examples` (global best-fit decreasing);
+- ours: `launcher.data.pipeline.encode_conversations` (the tokenizer's own template, exact assistant spans,
+        batched tokenization), then `pack_arrays` (global best-fit decreasing) — what `sft prepare` runs;
 - TRL:  `SFTTrainer._prepare_dataset` with `assistant_only_loss=True` (TRL's Qwen2.5 `{% generation %}` training
         template), `packing=True, packing_strategy="bfd"` — the exact code path SFTTrainer runs before training.
 Prints JSON, then a table.
@@ -64,19 +65,17 @@ def load_tokenizer():
 
 
 def run_ours(tok, convs: list[list[dict]], max_length: int, num_proc: int) -> dict:
-    from launcher.data import pack_examples
-    from launcher.data.pipeline import TOKENIZE_CHUNK, _encode_chunks
+    from launcher.data.packing import pack_arrays
+    from launcher.data.pipeline import encode_conversations
 
     t0 = time.perf_counter()
-    # The pipeline's own path: render + spans per conversation, batched tokenization, in num_proc processes.
-    chunks = [convs[i : i + TOKENIZE_CHUNK] for i in range(0, len(convs), TOKENIZE_CHUNK)]
-    encoded = [e for chunk in _encode_chunks(tok, chunks, "all", None, num_proc) for e in chunk]
+    # The pipeline's own path: template + spans, tokenizer, masks (in num_proc processes via datasets.map).
+    encoded = encode_conversations(tok, convs, "all", None, num_proc)
     kept = [e for e in encoded if len(e["input_ids"]) <= max_length]
     t1 = time.perf_counter()
-    rows = pack_examples(kept, max_length)
+    rows = pack_arrays([e["input_ids"] for e in kept], [e["labels"] for e in kept], max_length)
     t2 = time.perf_counter()
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    dropped = [e for e in encoded if len(e["input_ids"]) > max_length]
+    tokens = rows.num_tokens
     return {
         "seconds": t2 - t0,
         "encode_s": t1 - t0,
@@ -85,8 +84,8 @@ def run_ours(tok, convs: list[list[dict]], max_length: int, num_proc: int) -> di
         "tokens_per_s": tokens / (t2 - t0),
         "rows": len(rows),
         "packing_efficiency": tokens / (len(rows) * max_length),
-        "trained_tokens": sum(sum(x != -100 for x in r["labels"]) for r in rows),
-        "overlong_dropped_examples": len(dropped),
+        "trained_tokens": rows.num_trained,
+        "overlong_dropped_examples": len(encoded) - len(kept),
         "trained_tokens_truncated": 0,
     }
 

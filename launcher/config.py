@@ -30,6 +30,12 @@ class DataFormat(str, Enum):
     sharegpt = "sharegpt"
     alpaca = "alpaca"
     prompt_completion = "prompt_completion"
+    oasst = "oasst"  # OpenAssistant message trees
+
+
+class TreePaths(str, Enum):
+    best = "best"  # the top-ranked reply at every turn: one conversation per tree
+    all = "all"  # every root-to-leaf path: several conversations per tree
 
 
 class SystemPolicy(str, Enum):
@@ -133,6 +139,8 @@ class SourceConfig:
     """Keep this fraction of rows (seeded) after filtering."""
     weight: float = 1.0
     """Mixture weight: rows are repeated (integer part) and sampled (fractional part) by this factor."""
+    tree_paths: TreePaths = TreePaths.best
+    """OASST trees: follow the best-ranked reply (`best`) or train on every root-to-leaf path (`all`)."""
 
 
 @dataclass

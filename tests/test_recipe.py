@@ -10,6 +10,7 @@ from launcher.config import compose
 from launcher.data.pipeline import prepare_data
 from launcher.data.sources import RowError
 from launcher.model import load_tokenizer
+from tests.conftest import fixture_path
 
 
 def write_jsonl(path, rows):
@@ -150,11 +151,16 @@ def test_prepared_data_is_cached_by_content(tmp_path, monkeypatch):
     tok = load_tokenizer(cfg.model)
     first = pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=True)
     assert first.report["cache"]["hit"] is False
+    # On disk it is a `datasets` Arrow dataset of packed rows, readable without this project.
+    import datasets
+
+    on_disk = datasets.load_from_disk(first.report["cache"]["path"] + "/train")
+    assert on_disk.num_rows == len(first.train_rows) and on_disk[0] == first.train_rows[0]
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a warm cache must not re-tokenize")
 
-    monkeypatch.setattr(pipeline, "tokenize_rendered", no_tokenizing)
+    monkeypatch.setattr(pipeline, "encode_many", no_tokenizing)
     again = pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=False)
     assert again.report["cache"]["hit"] is True and again.train_rows == first.train_rows
     # The number of preparing processes is not part of the content: same hash, cache hit.
@@ -207,3 +213,81 @@ def test_template_that_defeats_masking_raises_with_location_or_is_counted(tmp_pa
     prepared = prepare_data(compose([*base, "data.on_error=skip"]).data, tok, template=shouting)
     assert prepared.report["sources"][0]["dropped"] == {"template_mismatch": 1500}
     assert prepared.report["sources"][0]["kept"] == 600
+
+
+def node(role: str, text: str, replies=(), **kw) -> dict:
+    return {"role": role, "text": text, "replies": list(replies), **kw}
+
+
+def test_oasst_trees_best_path_and_all_paths(tmp_path):
+    from launcher.data.sources import to_conversations
+
+    tree = node(
+        "prompter",
+        "Q1",
+        [
+            node("assistant", "A-rank1", rank=1),
+            node(
+                "assistant",
+                "A-rank0",
+                [node("prompter", "Q2a", [node("assistant", "A2")]), node("prompter", "Q2b-leaf")],
+                rank=0,
+            ),
+            node("assistant", "A-deleted", rank=None, deleted=True),
+            node("assistant", "A-failed-review", review_result=False),
+            node("assistant", "A-unranked"),
+        ],
+    )
+    row = {"message_tree_id": "t", "prompt": tree}
+    (best,) = to_conversations(row, "oasst", {}, "t[0]", "best")
+    assert [m["content"] for m in best] == ["Q1", "A-rank0", "Q2a", "A2"]
+    assert [m["role"] for m in best] == ["user", "assistant"] * 2
+    every = to_conversations(row, "oasst", {}, "t[0]", "all")
+    # Leaves: A-rank1, A2, Q2b-leaf (cut back to A-rank0), A-unranked; deleted / failed review are skipped.
+    assert sorted(tuple(m["content"] for m in c) for c in every) == sorted(
+        [("Q1", "A-rank1"), ("Q1", "A-rank0", "Q2a", "A2"), ("Q1", "A-rank0"), ("Q1", "A-unranked")]
+    )
+    # The message export (the root node as the row) reads the same.
+    assert to_conversations({"message_id": "m", **tree}, "oasst", {}, "t[0]", "all") == every
+
+    path = write_jsonl(tmp_path / "trees.jsonl", [row, row])
+    base = [f"data.sources=[{{path: {path}, tree_paths: all}}]", "data.eval_sources=[]"]
+    cfg = compose(base)
+    src = prepare_data(cfg.data, load_tokenizer(cfg.model)).report["sources"][0]
+    assert src["rows_read"] == 2 and src["extra_from_trees"] == 6 and src["kept"] == 8
+    assert src["kept"] + sum(src["dropped"].values()) == src["rows_read"] + src["extra_from_trees"]
+
+
+@pytest.mark.badinput
+def test_oasst_bad_role_names_row_and_field(tmp_path):
+    tree = node("prompter", "Q", [node("robot", "beep")])
+    path = write_jsonl(tmp_path / "trees.jsonl", [{"prompt": tree}])
+    cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"])
+    with pytest.raises(RowError, match=r"trees.jsonl:1: prompt.replies\[0\].role='robot'"):
+        prepare_data(cfg.data, load_tokenizer(cfg.model))
+
+
+@pytest.mark.parametrize("name", ["oasst_en_100_trees.jsonl", "oasst_en_100_messages.jsonl"])
+def test_real_oasst_export_flattens(name):
+    """The real OpenAssistant tree export (both shapes): best path = one conversation per tree, rank 0 each turn."""
+    from launcher.data.sources import to_conversations
+
+    path = fixture_path("data", name)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        (best,) = to_conversations(row, "oasst", {}, f"{name}:{i + 1}", "best")
+        assert best and best[0]["role"] == "user" and best[-1]["role"] == "assistant"
+        assert all(a["role"] != b["role"] for a, b in zip(best, best[1:])), "turns alternate"
+        root = row.get("prompt", row)
+        first = [
+            r for r in root["replies"] if not r.get("deleted") and r.get("review_result", True) is not False
+        ]
+        ranked = [r for r in first if r.get("rank") is not None]
+        if ranked:
+            assert best[1]["content"] == min(ranked, key=lambda r: r["rank"])["text"]
+    cfg = compose(
+        [f"data.sources=[{{path: {path}, tree_paths: all}}]", "data.eval_sources=[]", "data.max_length=4096"]
+    )
+    src = prepare_data(cfg.data, load_tokenizer(cfg.model)).report["sources"][0]
+    assert src["rows_read"] == 100 and src["extra_from_trees"] > 100
+    assert src["kept"] + sum(src["dropped"].values()) == src["rows_read"] + src["extra_from_trees"]

@@ -100,3 +100,79 @@ def test_no_assistant_turn_is_an_error(demo_tokenizer):
 def test_demo_tokenizer_masks(demo_tokenizer):
     conv = [{"role": "user", "content": "Convert 7 km to m."}, {"role": "assistant", "content": "7000 m"}]
     assert trained_spans(demo_tokenizer, encode_conversation(demo_tokenizer, conv)) == ["7000 m<|im_end|>"]
+
+
+def real_conversations(n: int) -> list[list[dict]]:
+    """Real ShareGPT multi-turn + Alpaca rows (skips where ../shared is absent)."""
+    import json
+
+    from launcher.data.sources import to_messages
+
+    vicuna = json.loads(fixture_path("data", "sharegpt_vicuna_dummy_conversation.json").read_text())
+    alpaca = json.loads(fixture_path("data", "alpaca_gpt4_en_demo.json").read_text())
+    out = [to_messages(r, "sharegpt", {}, f"vicuna[{i}]") for i, r in enumerate(vicuna[:n])]
+    return out + [to_messages(r, "alpaca", {}, f"alpaca[{i}]") for i, r in enumerate(alpaca[:n])]
+
+
+def reference_encode(tok, conv: list[dict]) -> tuple[list[int], list[int]]:
+    """The slow, obvious way: the prefix method for spans and the tokenizer's own offsets for the mask."""
+    import re
+
+    from launcher.data import template as t
+
+    full = tok.apply_chat_template(conv, tokenize=False)
+    spans = t._assistant_spans_prefix(tok, conv, full, None) or t._assistant_spans_search(conv, full)
+    closers = "|".join(re.escape(c) for c in sorted(t._closing_tokens(tok), key=len, reverse=True))
+    spans = [(s, re.compile(rf"(?:\s*(?:{closers}))*").match(full, e).end()) for s, e in spans]
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        i if any(a < e and s < b or (a == b and s <= a < e) for s, e in spans) else IGNORE_INDEX
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
+    return enc["input_ids"], labels
+
+
+@pytest.mark.parametrize("name", [t[0] for t in TEMPLATES])
+def test_fast_batch_path_equals_the_slow_reference(name):
+    """The cached role layouts, byte-length offsets and whole-batch masking change nothing."""
+    from launcher.data.template import _plan, encode_many
+
+    tok = AutoTokenizer.from_pretrained(fixture_path("tokenizers", name))
+    convs = real_conversations(150)
+    if name.startswith("mistral"):  # its template rejects system turns and non-alternating roles
+        convs = [c for c in convs if [m["role"] for m in c] == ["user", "assistant"] * (len(c) // 2)]
+    # Byte-level BPE (Qwen) takes the byte-length path; SentencePiece ones use offsets.
+    assert (_plan(tok).byte_len is not None) == name.startswith("qwen")
+    fast = encode_many(tok, convs)
+    assert len(fast) == len(convs) >= 150
+    for conv, (ids, labels) in zip(convs, fast):
+        ref_ids, ref_labels = reference_encode(tok, conv)
+        assert ids.tolist() == ref_ids
+        assert labels.tolist() == ref_labels
+
+
+def test_tokenizer_json_truncation_does_not_cut_conversations():
+    """TinyLlama's tokenizer.json truncates at 512; transformers' own calls ignore that, and so must we."""
+    tok = AutoTokenizer.from_pretrained(fixture_path("tokenizers", "tinyllama-1.1b-chat-v1.0"))
+    conv = [{"role": "user", "content": "go " * 400}, {"role": "assistant", "content": "on " * 400}]
+    enc = encode_conversation(tok, conv)
+    assert len(enc["input_ids"]) > 800
+    assert enc["input_ids"] == list(
+        tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    )
+
+
+def test_content_dependent_template_falls_back_to_exact_spans(demo_tokenizer):
+    """A template that treats some contents differently defeats the cached layout only for those rows."""
+    strip_think = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if '</think>' in m['content'] %}{{ m['content'].split('</think>')[-1] }}"
+        "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    )
+    plain = [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    think = [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "hmm</think>4"}]
+    assert trained_spans(
+        demo_tokenizer, encode_conversation(demo_tokenizer, plain, chat_template=strip_think)
+    ) == ["4<|im_end|>"]
+    with pytest.raises(TemplateError, match="rewrites assistant message #1"):
+        encode_conversation(demo_tokenizer, think, chat_template=strip_think)

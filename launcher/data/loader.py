@@ -110,7 +110,8 @@ class StepSampler:
             per_rank,
             seed,
         )
-        self.costs = [pack_cost(r) for r in rows]
+        # PackedRows computes all costs at once from its flat arrays; a plain list goes row by row.
+        self.costs = rows.costs() if hasattr(rows, "costs") else [pack_cost(r) for r in rows]
         self.per_step = world_size * per_rank
         if len(rows) < self.per_step:
             raise ValueError(

@@ -17,92 +17,133 @@ import numpy as np
 from launcher.data.template import IGNORE_INDEX
 
 
-class _CapacityTree:
-    """Bins grouped by remaining capacity; finds the tightest bin that still fits in O(log capacity)."""
-
-    def __init__(self, capacity: int):
-        self.size = 1
-        while self.size < capacity + 1:
-            self.size *= 2
-        self.count = np.zeros(2 * self.size, dtype=np.int64)
-        self.bins: list[list[int]] = [[] for _ in range(capacity + 1)]
-
-    def add(self, remaining: int, bin_id: int) -> None:
-        self.bins[remaining].append(bin_id)
-        i = remaining + self.size
-        while i:
-            self.count[i] += 1
-            i //= 2
-
-    def pop_tightest(self, need: int) -> tuple[int, int] | None:
-        """Remove and return (remaining, bin_id) with the smallest remaining >= need, or None."""
-        remaining = self._first(1, 0, self.size - 1, need)
-        if remaining is None:
-            return None
-        bin_id = self.bins[remaining].pop()
-        i = remaining + self.size
-        while i:
-            self.count[i] -= 1
-            i //= 2
-        return remaining, bin_id
-
-    def _first(self, node: int, lo: int, hi: int, need: int) -> int | None:
-        # Iterative descent: leftmost non-empty leaf with index >= need.
-        stack = [(node, lo, hi)]
-        while stack:
-            node, lo, hi = stack.pop()
-            if hi < need or self.count[node] == 0:
-                continue
-            if lo == hi:
-                return lo
-            mid = (lo + hi) // 2
-            stack.append((2 * node + 1, mid + 1, hi))
-            stack.append((2 * node, lo, mid))
-        return None
-
-
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Group example indices into bins of total length <= capacity (longest first, tightest fit).
 
-    Deterministic: ties are broken by example index.
+    Bins are kept by remaining capacity; a Python int is the bitset of capacities that have an open bin, so
+    "tightest bin that still fits" is one shift and a lowest-set-bit: O(capacity / 64) word operations.
+    Deterministic: ties are broken by example index, and among equally tight bins the last one opened.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.max() > capacity:
         raise ValueError(f"an example of {int(lengths.max())} tokens exceeds the pack capacity {capacity}")
     order = np.lexsort((np.arange(len(lengths)), -lengths))
-    tree = _CapacityTree(capacity)
+    open_bins: list[list[int]] = [[] for _ in range(capacity + 1)]  # remaining capacity -> bin ids
+    has_open = 0  # bit r set <=> open_bins[r] is non-empty
     bins: list[list[int]] = []
-    for idx in order.tolist():
-        n = int(lengths[idx])
-        hit = tree.pop_tightest(n)
-        if hit is None:
-            bins.append([idx])
-            remaining = capacity - n
-            bin_id = len(bins) - 1
-        else:
-            remaining, bin_id = hit
+    for idx, need in zip(order.tolist(), lengths[order].tolist()):
+        fits = has_open >> need
+        if fits:
+            remaining = need + (fits & -fits).bit_length() - 1  # lowest set bit: the tightest fit
+            stack = open_bins[remaining]
+            bin_id = stack.pop()
+            if not stack:
+                has_open ^= 1 << remaining
             bins[bin_id].append(idx)
-            remaining -= n
-        tree.add(remaining, bin_id)
+        else:
+            bin_id, remaining = len(bins), capacity
+            bins.append([idx])
+        remaining -= need
+        if remaining:
+            open_bins[remaining].append(bin_id)
+            has_open |= 1 << remaining
     return bins
 
 
-def concat_pack(examples: Sequence[dict[str, Any]], indices: Sequence[int]) -> dict[str, list[int]]:
-    """Concatenate examples into one row with per-document positions and no cross-document label."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    for i in indices:
-        ex = examples[i]
-        n = len(ex["input_ids"])
-        input_ids.extend(ex["input_ids"])
-        doc_labels = list(ex["labels"])
-        # HF shifts labels inside the loss: position 0 of a document would be predicted from the previous
-        # document's last token. It is never a target.
-        doc_labels[0] = IGNORE_INDEX
-        labels.extend(doc_labels)
-        position_ids.extend(range(n))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+class PackedRows(Sequence):
+    """Packed rows stored flat (all rows end to end, plus row offsets), as in an Arrow list column.
+
+    `rows[i]` is one row as plain lists: `{"input_ids", "labels", "position_ids"}`.
+    """
+
+    def __init__(
+        self, input_ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray, offsets: np.ndarray
+    ):
+        assert len(input_ids) == len(labels) == len(position_ids) == offsets[-1], "ragged arrays disagree"
+        self.input_ids, self.labels, self.position_ids, self.offsets = (
+            input_ids,
+            labels,
+            position_ids,
+            offsets,
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {
+            "input_ids": self.input_ids[a:b].tolist(),
+            "labels": self.labels[a:b].tolist(),
+            "position_ids": self.position_ids[a:b].tolist(),
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedRows):
+            return all(
+                np.array_equal(getattr(self, k), getattr(other, k))
+                for k in ("input_ids", "labels", "position_ids", "offsets")
+            )
+        return list(self) == other
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_trained(self) -> int:
+        return int(np.count_nonzero(self.labels != IGNORE_INDEX))
+
+    def costs(self) -> list[tuple[int, int]]:
+        """Per row: (attention cost = sum of squared document lengths, tokens)."""
+        starts = np.flatnonzero(self.position_ids == 0)
+        lengths = np.diff(np.append(starts, len(self.position_ids)))
+        row_of_doc = np.searchsorted(self.offsets, starts, side="right") - 1
+        attn = np.bincount(row_of_doc, weights=lengths.astype(np.float64) ** 2, minlength=len(self))
+        tokens = np.diff(self.offsets)
+        return [(int(a), int(t)) for a, t in zip(attn, tokens)]
+
+    def to_lists(self) -> list[dict[str, list[int]]]:
+        return [self[i] for i in range(len(self))]
+
+
+def pack_arrays(
+    input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], max_length: int, seed: int | None = None
+) -> PackedRows:
+    """Best-fit-decreasing pack of many (input_ids, labels) arrays; see `pack_examples`."""
+    lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+    if len(lengths) and lengths.min() == 0:
+        raise ValueError(f"example {int(np.argmin(lengths))} is empty")
+    bins = best_fit_decreasing(lengths, max_length)
+    if seed is not None:
+        perm = np.random.default_rng(seed).permutation(len(bins))
+        bins = [bins[i] for i in perm]
+    order = [i for b in bins for i in b]
+    docs = lengths[order]
+    offsets = np.zeros(len(bins) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([int(lengths[b].sum()) for b in bins])
+    ids = (
+        np.concatenate([input_ids[i] for i in order]).astype(np.int32, copy=False)
+        if order
+        else np.zeros(0, np.int32)
+    )
+    labs = (
+        np.concatenate([labels[i] for i in order]).astype(np.int32, copy=True)
+        if order
+        else np.zeros(0, np.int32)
+    )
+    doc_starts = np.cumsum(docs) - docs
+    # HF shifts labels inside the loss: position 0 of a document would be predicted from the previous
+    # document's last token. It is never a target.
+    labs[doc_starts] = IGNORE_INDEX
+    positions = (np.arange(len(ids), dtype=np.int64) - np.repeat(doc_starts, docs)).astype(np.int32)
+    return PackedRows(ids, labs, positions, offsets)
 
 
 def pack_examples(
@@ -111,7 +152,7 @@ def pack_examples(
     """Pack tokenized examples (`input_ids`, `labels`) into rows of at most `max_length` tokens.
 
     Args:
-        examples: dicts with equal-length `input_ids` and `labels` lists.
+        examples: dicts with equal-length `input_ids` and `labels` (lists or arrays).
         max_length: row capacity in tokens; an example longer than this is an error.
         seed: if given, the order of rows is shuffled with it (the contents stay the same).
 
@@ -121,13 +162,11 @@ def pack_examples(
     for i, ex in enumerate(examples):
         if len(ex["input_ids"]) != len(ex["labels"]):
             raise ValueError(f"example {i}: input_ids and labels differ in length")
-        if not ex["input_ids"]:
+        if not len(ex["input_ids"]):
             raise ValueError(f"example {i} is empty")
-    bins = best_fit_decreasing([len(ex["input_ids"]) for ex in examples], max_length)
-    if seed is not None:
-        perm = np.random.default_rng(seed).permutation(len(bins))
-        bins = [bins[i] for i in perm]
-    return [concat_pack(examples, b) for b in bins]
+    ids = [np.asarray(ex["input_ids"], dtype=np.int64) for ex in examples]
+    labels = [np.asarray(ex["labels"], dtype=np.int64) for ex in examples]
+    return pack_arrays(ids, labels, max_length, seed).to_lists()
 
 
 def doc_lengths(position_ids: Sequence[int]) -> list[int]:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 
-from launcher.data.packing import pack_examples
+from launcher.data.packing import PackedRows, pack_arrays
 from launcher.data.sources import (
     RowError,
     SourceReport,
@@ -31,30 +33,25 @@ from launcher.data.sources import (
     read_rows,
     sample_rows,
     source_name,
-    to_messages,
+    to_conversations,
 )
-from launcher.data.template import (
-    IGNORE_INDEX,
-    Rendered,
-    TemplateError,
-    encode_conversation,
-    render_conversation,
-    tokenize_rendered,
-)
+from launcher.data.template import IGNORE_INDEX, TemplateError, encode_conversation, encode_many
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+
+Encoded = dict[str, np.ndarray]  # {"input_ids", "labels"}: int32 arrays of one conversation
 
 
 @dataclass
 class Prepared:
-    train_rows: list[dict[str, list[int]]]
-    eval_rows: list[dict[str, list[int]]]
+    train_rows: PackedRows
+    eval_rows: PackedRows
     eval_conversations: list[list[dict[str, str]]]
     report: dict[str, Any]
 
 
-def _n_trained(labels: list[int]) -> int:
-    return sum(1 for x in labels if x != IGNORE_INDEX)
+def _n_trained(labels: Any) -> int:
+    return int(np.count_nonzero(np.asarray(labels) != IGNORE_INDEX))
 
 
 def _fit(tok: Any, msgs: list[dict], enc: dict, data_cfg: Any, template: str | None, report: SourceReport):
@@ -69,6 +66,7 @@ def _fit(tok: Any, msgs: list[dict], enc: dict, data_cfg: Any, template: str | N
         if msgs[k - 1]["role"] != "assistant":
             continue
         shorter = encode_conversation(tok, msgs[:k], train_on=data_cfg.train_on.value, chat_template=template)
+        shorter = {k: np.asarray(v, dtype=np.int32) for k, v in shorter.items()}
         if len(shorter["input_ids"]) <= data_cfg.max_length:
             report.truncated_trained_tokens += _n_trained(enc["labels"]) - _n_trained(shorter["labels"])
             report.truncated += 1
@@ -95,26 +93,29 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
             continue
         try:
             fmt = fmt or detect_format(row, columns)
-            msgs = to_messages(row, fmt, columns, where)
+            convs = to_conversations(row, fmt, columns, where, src.tree_paths.value)
         except RowError as e:
             if on_error == "skip":
                 report.drop("malformed_row")
                 continue
             raise RowError(f"data source {report.name}: {e}") from None
-        msgs = apply_system_policy(msgs, src.system_prompt.value)
-        problem = conversation_problem(msgs)
-        if problem:
-            report.drop(problem)
-            continue
-        if src.max_turns is not None and sum(m["role"] == "assistant" for m in msgs) > src.max_turns:
-            report.drop("max_turns")
-            continue
-        pending.append((where, msgs))
+        report.extra_from_trees += len(convs) - 1
+        for msgs in convs:
+            msgs = apply_system_policy(msgs, src.system_prompt.value)
+            problem = conversation_problem(msgs)
+            if problem:
+                report.drop(problem)
+                continue
+            if src.max_turns is not None and sum(m["role"] == "assistant" for m in msgs) > src.max_turns:
+                report.drop("max_turns")
+                continue
+            pending.append((where, msgs))
 
     out = []
-    chunks = [[m for _, m in pending[i : i + TOKENIZE_CHUNK]] for i in range(0, len(pending), TOKENIZE_CHUNK)]
-    encoded = _encode_chunks(tok, chunks, data_cfg.train_on.value, template, data_cfg.num_proc)
-    for (where, msgs), enc in zip(pending, (e for chunk in encoded for e in chunk)):
+    encoded = encode_conversations(
+        tok, [m for _, m in pending], data_cfg.train_on.value, template, data_cfg.num_proc
+    )
+    for (where, msgs), enc in zip(pending, encoded):
         if isinstance(enc, TemplateError):
             if on_error == "skip":
                 report.drop("template_mismatch")
@@ -133,41 +134,80 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
     return out, report
 
 
-def _encode_chunk(tok: Any, convs: list[list[dict]], train_on: str, template: str | None) -> list:
-    """Render + tokenize one chunk; a conversation whose template defeats masking yields its TemplateError."""
-    rendered: list[Rendered | TemplateError] = []
-    for msgs in convs:
-        try:
-            rendered.append(render_conversation(tok, msgs, train_on, template))
-        except TemplateError as e:
-            rendered.append(e)
-    encs = iter(tokenize_rendered(tok, [r for r in rendered if isinstance(r, Rendered)]))
-    return [r if isinstance(r, TemplateError) else next(encs) for r in rendered]
+def _map_encode(batch: dict[str, list], tok: Any, train_on: str, template: str | None) -> dict[str, list]:
+    """`datasets.map` body: JSON messages -> input_ids, labels (empty) and error ('' when fine)."""
+    empty = np.zeros(0, dtype=np.int32)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "error": []}
+    for enc in encode_many(tok, [json.loads(m) for m in batch["messages"]], train_on, template):
+        ids, labels = (empty, empty) if isinstance(enc, TemplateError) else enc
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["error"].append(str(enc) if isinstance(enc, TemplateError) else "")
+    return out
 
 
-_WORKER: dict[str, Any] = {}
+def _list_column(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow list column as (values, offsets) NumPy arrays, copied into memory (the file may go away)."""
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    values = np.array(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
+    offsets = np.array(arr.offsets.to_numpy(), dtype=np.int64)
+    return values, offsets - offsets[0]
 
 
-def _worker_init(tok: Any, train_on: str, template: str | None) -> None:
-    _WORKER.update(tok=tok, train_on=train_on, template=template)
+def encode_conversations(
+    tok: Any, conversations: list[list[dict]], train_on: str, template: str | None, num_proc: int
+) -> list[Encoded | TemplateError]:
+    """Template + mask + tokenize, in order; a conversation whose template defeats masking yields its error.
+
+    One process: `encode_many` directly (rendering overlaps the multi-threaded Rust tokenizer). More:
+    `datasets.Dataset.map(batched=True, num_proc=...)` over Arrow shards in a scratch directory.
+    """
+    if num_proc <= 1 or len(conversations) < 2 * TOKENIZE_CHUNK:
+        return [
+            e if isinstance(e, TemplateError) else {"input_ids": e[0], "labels": e[1]}
+            for e in encode_many(tok, conversations, train_on, template)
+        ]
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="sft-encode-") as scratch:
+        ds = datasets.Dataset.from_dict({"messages": [json.dumps(m) for m in conversations]})
+        with _quiet_datasets(datasets):
+            mapped = ds.map(
+                _map_encode,
+                fn_kwargs={"tok": tok, "train_on": train_on, "template": template},
+                batched=True,
+                batch_size=TOKENIZE_CHUNK,
+                num_proc=num_proc,
+                remove_columns=["messages"],
+                cache_file_name=str(Path(scratch) / "encoded.arrow"),
+                new_fingerprint=hashlib.sha256(os.urandom(16)).hexdigest()[
+                    :16
+                ],  # no hashing of the tokenizer
+                desc="encode",
+            )
+        (ids, cuts), (labels, _) = (_list_column(mapped.data.column(c)) for c in ("input_ids", "labels"))
+        errors = mapped.data.column("error").to_pylist()
+        del mapped, ds
+    ids, labels = np.split(ids, cuts[1:-1]), np.split(labels, cuts[1:-1])
+    return [
+        TemplateError(err) if err else {"input_ids": i, "labels": lab}
+        for i, lab, err in zip(ids, labels, errors)
+    ]
 
 
-def _worker_encode(convs: list[list[dict]]) -> list:
-    return _encode_chunk(_WORKER["tok"], convs, _WORKER["train_on"], _WORKER["template"])
+class _quiet_datasets:
+    """Progress bars off while we map (the pipeline prints its own report)."""
 
+    def __init__(self, datasets: Any):
+        self.datasets = datasets
 
-def _encode_chunks(tok: Any, chunks: list, train_on: str, template: str | None, num_proc: int) -> list:
-    """Encode chunks in order, in `num_proc` spawned worker processes when asked for and there are 2+ chunks."""
-    if num_proc <= 1 or len(chunks) < 2:
-        return [_encode_chunk(tok, c, train_on, template) for c in chunks]
-    import multiprocessing
+    def __enter__(self) -> None:
+        self.was = self.datasets.is_progress_bar_enabled()
+        self.datasets.disable_progress_bars()
 
-    # spawn, not fork: the parent may already hold gloo and tokenizer threads, which fork would copy mid-lock.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(
-        min(num_proc, len(chunks)), initializer=_worker_init, initargs=(tok, train_on, template)
-    ) as pool:
-        return pool.map(_worker_encode, chunks, chunksize=1)
+    def __exit__(self, *exc: object) -> None:
+        if self.was:
+            self.datasets.enable_progress_bars()
 
 
 def fingerprint(data_cfg: Any, tok: Any, template: str | None) -> str:
@@ -237,15 +277,10 @@ def prepare_data(data_cfg: Any, tok: Any, template: str | None = None) -> Prepar
         )
     train_examples = [e for _, e in mixed]
     eval_examples = [e for _, e in eval_items]
-    if data_cfg.pack:
-        train_rows = pack_examples(train_examples, data_cfg.max_length)
-        eval_rows = pack_examples(eval_examples, data_cfg.max_length) if eval_examples else []
-    else:
-        train_rows = [_single(e) for e in train_examples]
-        eval_rows = [_single(e) for e in eval_examples]
+    train_rows = _rows(train_examples, data_cfg)
+    eval_rows = _rows(eval_examples, data_cfg)
     capacity = len(train_rows) * data_cfg.max_length
-    n_tokens = sum(len(r["input_ids"]) for r in train_rows)
-    n_trained = sum(_n_trained(r["labels"]) for r in train_rows)
+    n_tokens, n_trained = train_rows.num_tokens, train_rows.num_trained
     report = {
         "sources": [r.as_dict() for r in reports],
         "eval_sources": [r.as_dict() for r in eval_reports],
@@ -263,30 +298,80 @@ def prepare_data(data_cfg: Any, tok: Any, template: str | None = None) -> Prepar
     return Prepared(train_rows, eval_rows, [m for m, _ in eval_items], report)
 
 
-def _single(enc: dict[str, list[int]]) -> dict[str, list[int]]:
-    return {
-        "input_ids": list(enc["input_ids"]),
-        "labels": list(enc["labels"]),
-        "position_ids": list(range(len(enc["input_ids"]))),
-    }
+def _rows(examples: list[Encoded], data_cfg: Any) -> PackedRows:
+    """Packed rows (best-fit decreasing), or one conversation per row when packing is off."""
+    ids = [e["input_ids"] for e in examples]
+    labels = [e["labels"] for e in examples]
+    if data_cfg.pack:
+        return pack_arrays(ids, labels, data_cfg.max_length)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = [np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32) for xs in (ids, labels)]
+    positions = (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)).astype(np.int32)
+    return PackedRows(flat[0], flat[1], positions, offsets)
+
+
+def _save_rows(rows: PackedRows, path: Path) -> None:
+    """Packed rows as a `datasets` Arrow dataset (one row per pack; list columns share the row offsets)."""
+    import datasets
+    import pyarrow as pa
+
+    if not len(rows):  # nothing to store (no eval set): an absent dir loads as no rows
+        return
+    offsets = pa.array(rows.offsets, type=pa.int64())
+    table = pa.table(
+        {
+            name: pa.LargeListArray.from_arrays(offsets, pa.array(getattr(rows, name), type=pa.int32()))
+            for name in ("input_ids", "labels", "position_ids")
+        }
+    )
+    with _quiet_datasets(datasets):
+        datasets.Dataset(table).save_to_disk(str(path))
+
+
+def _load_rows(path: Path) -> PackedRows:
+    """Packed rows from their Arrow dataset, memory-mapped: a big cache is not read into RAM up front."""
+    import datasets
+
+    if not path.exists():
+        return PackedRows(*(np.zeros(0, np.int32) for _ in range(3)), np.zeros(1, np.int64))
+    table = datasets.load_from_disk(str(path)).data.table
+    cols = {}
+    for name in ("input_ids", "labels", "position_ids"):
+        arr = table.column(name).combine_chunks()  # one chunk per shard file; a no-copy view for one
+        cols[name] = arr.values.to_numpy(zero_copy_only=True) if arr.offset == 0 else arr.flatten().to_numpy()
+        offsets = arr.offsets.to_numpy()
+    return PackedRows(cols["input_ids"], cols["labels"], cols["position_ids"], offsets - offsets[0])
 
 
 def cached_prepare(data_cfg: Any, tok: Any, template: str | None, cache_dir: str, build: bool) -> Prepared:
-    """Load the prepared data for this content hash, building it first when `build` (one rank per node)."""
-    path = Path(cache_dir) / f"prepared-{fingerprint(data_cfg, tok, template)}.pkl"
-    if path.exists():
-        with path.open("rb") as f:
-            prepared = pickle.load(f)
+    """Load the prepared data for this content hash, building it first when `build` (one rank per node).
+
+    On disk: `<cache_dir>/prepared-<hash>/{train,eval}` (`datasets` Arrow) and `meta.json` (report, eval
+    conversations for generation metrics).
+    """
+    path = Path(cache_dir) / f"prepared-{fingerprint(data_cfg, tok, template)}"
+    if (path / "meta.json").exists():
+        meta = json.loads((path / "meta.json").read_text())
+        prepared = Prepared(
+            _load_rows(path / "train"), _load_rows(path / "eval"), meta["eval_conversations"], meta["report"]
+        )
         prepared.report["cache"] = {"path": str(path), "hit": True}
         return prepared
     if not build:
         raise FileNotFoundError(f"prepared data {path} is missing: the building rank should have written it")
     prepared = prepare_data(data_cfg, tok, template)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        pickle.dump(prepared, f, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(path)  # atomic: a waiting rank never reads a half-written file
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_rows(prepared.train_rows, tmp / "train")
+    _save_rows(prepared.eval_rows, tmp / "eval")
+    meta = {"report": prepared.report, "eval_conversations": prepared.eval_conversations}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        tmp.rename(path)  # atomic: a waiting rank never sees a half-written cache
+    except OSError:  # another node's builder (shared file system) got there first: same content
+        shutil.rmtree(tmp, ignore_errors=True)
     prepared.report["cache"] = {"path": str(path), "hit": False}
     return prepared
 
@@ -296,6 +381,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'source':<28}{'read':>8}{'kept':>8}{'tokens':>11}{'trained':>10}  dropped"]
     for r in report["sources"] + report["eval_sources"]:
         dropped = ", ".join(f"{k}={v}" for k, v in r["dropped"].items() if v) or "-"
+        if r.get("extra_from_trees"):
+            dropped += f"  (+{r['extra_from_trees']} conversations from tree paths)"
         lines.append(
             f"{r['name'][:27]:<28}{r['rows_read']:>8}{r['kept']:>8}{r['tokens']:>11}{r['trained_tokens']:>10}  {dropped}"
         )

@@ -5,6 +5,8 @@ Formats (detected per source from its columns, or set with `format`):
 - sharegpt:           {"conversations": [{"from", "value"}, ...]} human/gpt/system/function_call/observation
 - alpaca:             {"instruction", "input"?, "output"}        (also Dolly's instruction/context/response)
 - prompt_completion:  {"prompt", "completion" | "response"}      (prompt may itself be a message list)
+- oasst:              an OpenAssistant tree, {"prompt": node} or a root node itself, where a node is
+                      {"text", "role": prompter|assistant, "rank"?, "deleted"?, "review_result"?, "replies": [...]}
 
 Column names can be remapped per source (`columns: {messages: dialog}`).
 """
@@ -47,6 +49,7 @@ class SourceReport:
     trained_tokens: int = 0
     truncated: int = 0
     truncated_trained_tokens: int = 0
+    extra_from_trees: int = 0  # conversations beyond one per row (OASST tree_paths=all)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n
@@ -61,6 +64,7 @@ class SourceReport:
             "trained_tokens": self.trained_tokens,
             "truncated": self.truncated,
             "truncated_trained_tokens": self.truncated_trained_tokens,
+            "extra_from_trees": self.extra_from_trees,
         }
 
 
@@ -145,6 +149,10 @@ def detect_format(row: dict[str, Any], columns: dict[str, str]) -> str:
 
     if has("messages"):
         return "messages"
+    if isinstance(row.get(columns.get("prompt", "prompt")), dict) or {"message_id", "role", "replies"} <= set(
+        row
+    ):
+        return "oasst"
     if has("conversations"):
         return "sharegpt"
     if has("instruction") and (has("output") or has("response")):
@@ -237,6 +245,56 @@ def to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str], where: s
         )
         return head + tail
     raise ValueError(f"unknown format {fmt!r}")
+
+
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def to_conversations(
+    row: dict[str, Any], fmt: str, columns: dict[str, str], where: str, tree_paths: str = "best"
+) -> list[list[dict[str, str]]]:
+    """The conversations in one row: one, except for OASST trees with tree_paths=all."""
+    if fmt != "oasst":
+        return [to_messages(row, fmt, columns, where)]
+    root = row.get(columns.get("prompt", "prompt"), row)
+    if not isinstance(root, dict):
+        raise RowError(f"{where}: field 'prompt' must be an OASST message node")
+    paths: list[list[dict[str, str]]] = []
+    _walk_tree(root, [], tree_paths == "all", paths, where, "prompt")
+    out, seen = [], set()
+    for path in paths:
+        # A path that ends on a user turn has nothing to learn at its end: cut back to its last assistant turn.
+        while path and path[-1]["role"] != "assistant":
+            path = path[:-1]
+        key = tuple(m["content"] for m in path)
+        if key not in seen:  # sibling user leaves cut back to the same conversation
+            seen.add(key)
+            out.append(path)
+    return out or [[]]
+
+
+def _usable(node: dict[str, Any]) -> bool:
+    return not node.get("deleted", False) and node.get("review_result", True) is not False
+
+
+def _walk_tree(
+    node: dict[str, Any], prefix: list[dict[str, str]], every: bool, out: list, where: str, fld: str
+) -> None:
+    role = OASST_ROLES.get(node.get("role"))
+    if role is None:
+        raise RowError(f"{where}: {fld}.role={node.get('role')!r} is not one of {sorted(OASST_ROLES)}")
+    path = prefix + [{"role": role, "content": _text(node.get("text"), where, f"{fld}.text")}]
+    replies = node.get("replies") or []
+    if not isinstance(replies, list):
+        raise RowError(f"{where}: field {fld}.replies must be a list, got {type(replies).__name__}")
+    usable = [(i, r) for i, r in enumerate(replies) if isinstance(r, dict) and _usable(r)]
+    if not usable:
+        out.append(path)
+        return
+    if not every:  # best: rank 0 first; unranked replies after ranked ones, in file order
+        usable = [min(usable, key=lambda ir: (ir[1].get("rank") is None, ir[1].get("rank") or 0, ir[0]))]
+    for i, reply in usable:
+        _walk_tree(reply, path, every, out, where, f"{fld}.replies[{i}]")
 
 
 def apply_system_policy(msgs: list[dict[str, str]], policy: str) -> list[dict[str, str]]:
