@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from launcher.data import collate, pack_examples
@@ -51,6 +52,32 @@ def test_best_fit_is_deterministic_and_tight():
     assert a == b
     efficiency = sum(lengths) / (len(a) * 2048)
     assert efficiency > 0.99, efficiency
+
+
+def test_refinement_reaches_the_lower_bound_where_best_fit_does_not():
+    from launcher.data.packing import pack_bins
+
+    # Best-fit decreasing needs 6 bins of 100 here; 5 (= ceil(494 / 100)) suffice.
+    lengths = np.array([52, 49, 56, 34, 32, 8, 44, 58, 29, 26, 20, 30, 9, 47])
+    assert len(best_fit_decreasing(lengths, 100)) == 6
+    bins = pack_bins(lengths, 100)
+    assert len(bins) == 5
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(lengths[b].sum() <= 100 for b in bins)
+
+
+def test_refinement_is_deterministic_never_worse_and_keeps_every_item_once():
+    from launcher.data.packing import pack_bins
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        lengths = np.minimum(rng.lognormal(4, 1, int(rng.integers(50, 800))).astype(int) + 5, 512)
+        bins = pack_bins(lengths, 512)
+        assert bins == pack_bins(lengths, 512)
+        assert len(bins) <= len(best_fit_decreasing(lengths, 512))
+        assert len(bins) >= -(-lengths.sum() // 512)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(lengths[b].sum() <= 512 for b in bins)
 
 
 def test_overlong_example_is_an_error():

@@ -50,6 +50,147 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def refine_bins(
+    bins: list[list[int]], lengths: np.ndarray, capacity: int, rounds: int = 20
+) -> list[list[int]]:
+    """Close the small gaps best-fit leaves, then repack what was set aside: fewer bins, same items.
+
+    Best-fit decreasing leaves most bins a few tokens short; no whole conversation fits those gaps, so it
+    cannot do better by itself. Here the least-full bins are emptied into a bank, and every other bin with a
+    gap swaps one of its items for a bank item longer by up to the gap (exactly the gap when the bank has
+    it). Bins fill up, the bank shrinks, and the bank is repacked best-fit. Deterministic; a round that neither
+    saves a bin nor gathers the free space into fewer bins is discarded, and the search stops.
+    """
+    lengths_l = lengths.tolist()
+    for _ in range(rounds):
+        total = sum(lengths_l[i] for b in bins for i in b)
+        lower = -(-total // capacity)
+        excess = len(bins) - lower
+        if excess <= 0:
+            break
+        load = [sum(lengths_l[i] for i in b) for b in bins]
+        order = sorted(range(len(bins)), key=lambda j: (load[j], j))
+        n_bank = min(len(bins), 4 * excess + 12)
+        bank_ids, keep_ids = order[:n_bank], sorted(order[n_bank:])
+        bank: dict[int, list[int]] = {}
+        for j in bank_ids:
+            for i in bins[j]:
+                bank.setdefault(lengths_l[i], []).append(i)
+        kept = [list(bins[j]) for j in keep_ids]
+        for b in kept:
+            gap = capacity - sum(lengths_l[i] for i in b)
+            while gap > 0:
+                swap = None
+                for d in range(gap, 0, -1):  # the largest gain first: d == gap fills the bin exactly
+                    for pos, i in enumerate(b):
+                        if bank.get(lengths_l[i] + d):
+                            swap = pos, i, d
+                            break
+                    if swap:
+                        break
+                if swap is None:
+                    break
+                pos, i, d = swap
+                b[pos] = bank[lengths_l[i] + d].pop()
+                bank.setdefault(lengths_l[i], []).append(i)
+                gap -= d
+        rest = sorted(i for items in bank.values() for i in items)
+        repacked = [[rest[k] for k in b] for b in best_fit_decreasing([lengths_l[i] for i in rest], capacity)]
+        candidate = kept + repacked
+        # Better = fewer bins, else slack gathered into fewer bins (sum of squared loads up): that is what lets
+        # a later round empty one more bin.
+        score = (-len(candidate), sum(sum(lengths_l[i] for i in b) ** 2 for b in candidate))
+        if score <= (-len(bins), sum(x * x for x in load)):
+            break
+        bins = candidate
+    return bins
+
+
+def drain_emptiest(bins: list[list[int]], lengths: list[int], capacity: int) -> list[list[int]] | None:
+    """Empty the least-full bin into the others' gaps, or None when it cannot be done.
+
+    Gaps left after `refine_bins` are mostly smaller than the shortest conversation, so the emptiest bin's
+    items are placed in two kinds of steps: (1) its longest item that fits a gap goes into the tightest gap
+    that holds it; (2) otherwise two bins with gaps swap items so that one becomes exactly full and the
+    other's gap grows by as much (the largest gap grows first), until an item fits. Every step either places
+    an item or makes a bin full, so it ends.
+    """
+    load = [sum(lengths[i] for i in b) for b in bins]
+    e = min(range(len(bins)), key=lambda j: (load[j], j))
+    todo = sorted(bins[e], key=lambda i: (-lengths[i], i))
+    others = [list(b) for j, b in enumerate(bins) if j != e]
+    gap = [capacity - x for j, x in enumerate(load) if j != e]
+    if sum(lengths[i] for i in todo) > sum(gap):
+        return None
+    while todo:
+        holes = sorted((g, j) for j, g in enumerate(gap) if g > 0)
+        placed = False
+        for k, x in enumerate(todo):
+            fit = next((j for g, j in holes if g >= lengths[x]), None)
+            if fit is not None:
+                others[fit].append(todo.pop(k))
+                gap[fit] -= lengths[x]
+                placed = True
+                break
+        if placed:
+            continue
+        index: dict[int, list[tuple[int, int]]] = {}
+        for _, j in holes:
+            for pos, i in enumerate(others[j]):
+                index.setdefault(lengths[i], []).append((j, pos))
+        swap = None
+        for g, a in holes:
+            for pa, ia in enumerate(others[a]):
+                for b, pb in index.get(lengths[ia] + g, ()):
+                    if b != a and (swap is None or gap[b] > gap[swap[2]]):
+                        swap = (a, pa, b, pb)
+            if swap:
+                break
+        if swap is None:
+            # No exact fill: move part of a small gap into a bin whose gap is at least as large. The sum of
+            # squared gaps grows with every such move, so this cannot cycle either.
+            best = None
+            for g, a in holes:
+                for pa, ia in enumerate(others[a]):
+                    for d in range(g - 1, 0, -1):
+                        for b, pb in index.get(lengths[ia] + d, ()):
+                            if b != a and gap[b] >= g and (best is None or (d, gap[b]) > best[0]):
+                                best = ((d, gap[b]), (a, pa, b, pb))
+                if best:
+                    break
+            swap = best[1] if best else None
+        if swap is None:
+            return None
+        a, pa, b, pb = swap
+        moved = lengths[others[b][pb]] - lengths[others[a][pa]]
+        others[a][pa], others[b][pb] = others[b][pb], others[a][pa]
+        gap[a] -= moved
+        gap[b] += moved
+    return others
+
+
+def pack_bins(lengths: np.ndarray, capacity: int, max_gap_bins: int = 20_000) -> list[list[int]]:
+    """Best-fit decreasing, refined toward the lower bound ceil(sum / capacity) bins.
+
+    The refinement (gap-closing swaps, then emptying the least-full bin) runs while it saves bins; it is
+    skipped when more than `max_gap_bins` bins have gaps (its steps are linear in them).
+    """
+    bins = best_fit_decreasing(lengths, capacity)
+    lengths_l = lengths.tolist()
+    lower = -(-sum(lengths_l) // capacity)
+    if len(bins) <= lower:
+        return bins
+    bins = refine_bins(bins, lengths, capacity)
+    while len(bins) > lower:
+        if sum(1 for b in bins if sum(lengths_l[i] for i in b) < capacity) > max_gap_bins:
+            break
+        drained = drain_emptiest(bins, lengths_l, capacity)
+        if drained is None:
+            break
+        bins = drained
+    return bins
+
+
 class PackedRows(Sequence):
     """Packed rows stored flat (all rows end to end, plus row offsets), as in an Arrow list column.
 
@@ -120,7 +261,7 @@ def pack_arrays(
     lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
     if len(lengths) and lengths.min() == 0:
         raise ValueError(f"example {int(np.argmin(lengths))} is empty")
-    bins = best_fit_decreasing(lengths, max_length)
+    bins = pack_bins(lengths, max_length)
     if seed is not None:
         perm = np.random.default_rng(seed).permutation(len(bins))
         bins = [bins[i] for i in perm]
