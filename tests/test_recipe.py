@@ -291,3 +291,25 @@ def test_real_oasst_export_flattens(name):
     src = prepare_data(cfg.data, load_tokenizer(cfg.model)).report["sources"][0]
     assert src["rows_read"] == 100 and src["extra_from_trees"] > 100
     assert src["kept"] + sum(src["dropped"].values()) == src["rows_read"] + src["extra_from_trees"]
+
+
+@pytest.mark.badinput
+def test_template_that_refuses_a_conversation_names_the_row_or_counts_it(tmp_path):
+    from launcher.data.template import TemplateError
+
+    no_system = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    rows = [{"messages": conv(1)}] * 3 + [{"messages": conv(1, system="Be brief.")}] + [{"messages": conv(2)}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    base = [f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"]
+    tok = load_tokenizer(compose(base).model)
+    with pytest.raises(
+        TemplateError, match=r"d.jsonl:4: the chat template refused .*System role not supported"
+    ):
+        prepare_data(compose(base).data, tok, template=no_system)
+    prepared = prepare_data(compose([*base, "data.on_error=skip"]).data, tok, template=no_system)
+    assert prepared.report["sources"][0]["dropped"] == {"template_mismatch": 1}
+    assert prepared.report["sources"][0]["kept"] == 4

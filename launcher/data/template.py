@@ -217,14 +217,17 @@ def render_many(
     if not conversations:
         return []
     try:  # one call for the whole batch; a template error in one conversation re-renders them one by one
-        fulls = tokenizer.apply_chat_template(
+        fulls: list[str | TemplateError] = tokenizer.apply_chat_template(
             [list(m) for m in conversations], tokenize=False, chat_template=chat_template
         )
     except Exception:
-        fulls = [_render(tokenizer, m, False, chat_template) for m in conversations]
+        fulls = [_render_or_error(tokenizer, m, chat_template) for m in conversations]
     plan = _plan(tokenizer)
     out: list[Rendered | TemplateError] = []
     for messages, full in zip(conversations, fulls):
+        if isinstance(full, TemplateError):
+            out.append(full)
+            continue
         literals = _layout(tokenizer, plan, tuple(m["role"] for m in messages), chat_template)
         spans = _spans_from_layout(messages, full, literals) if literals is not None else None
         if spans is None:
@@ -241,14 +244,25 @@ def render_many(
     return out
 
 
+def _render_or_error(
+    tokenizer: Any, messages: Sequence[Message], template: str | None
+) -> str | TemplateError:
+    """The rendering, or why the template refused it (e.g. a system turn, roles that don't alternate)."""
+    try:
+        return _render(tokenizer, messages, False, template)
+    except Exception as e:  # Jinja's raise_exception() and template bugs: a data/template mismatch
+        roles = [m["role"] for m in messages]
+        return TemplateError(f"the chat template refused this conversation (roles {roles}): {e}")
+
+
 class _TokenPlan:
     """How to map a tokenizer's tokens back to characters, fastest exact way first.
 
     Byte-level BPE tokenizers (Qwen, Llama 3, GPT-style) spell every token as a fixed byte string, so a
     token's extent is a running sum of per-id byte lengths: no offsets need to be computed or converted.
     That holds only when the text reaches the model unchanged (no normalizer, or NFC on NFC text) and is
-    re-checked per conversation (byte lengths must sum to the text's); anything else uses the tokenizer's
-    offsets.
+    re-checked on every batch (each conversation's byte lengths must sum to its text's, else the batch is
+    encoded again with offsets); other tokenizers use offsets.
     """
 
     def __init__(self, tokenizer: Any):
@@ -341,10 +355,9 @@ def tokenize_to_arrays(tokenizer: Any, rendered: Sequence[Rendered]) -> list[tup
                 (starts_sp if i % 2 == 0 else ends_sp).append(base + x)
             base += n_bytes
     else:
-        # Offsets in characters, shifted per conversation onto one line.
-        if (
-            plan.encode != plan.backend.encode_batch
-        ):  # a byte-level batch that did not add up: redo with offsets
+        # Offsets in characters, shifted per conversation onto one line. A byte-level batch that did not add
+        # up was encoded without offsets: encode it again with them.
+        if plan.encode != plan.backend.encode_batch:
             encs = plan.backend.encode_batch(texts, add_special_tokens=False)
         off = np.asarray([o for e in encs for o in e.offsets], dtype=np.int64).reshape(-1, 2)
         char_base = np.cumsum([0] + [len(t) for t in texts[:-1]])
