@@ -75,7 +75,7 @@ def _fit(tok: Any, msgs: list[dict], enc: dict, data_cfg: Any, template: str | N
     return None
 
 
-TOKENIZE_CHUNK = 1024  # conversations per batched tokenizer call (the Rust side spreads a batch over cores)
+TOKENIZE_CHUNK = 1024  # conversations per datasets.map batch (data.num_proc > 1)
 
 
 def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tuple[list[tuple], SourceReport]:
@@ -170,6 +170,7 @@ def encode_conversations(
     import datasets
 
     with tempfile.TemporaryDirectory(prefix="sft-encode-") as scratch:
+        scratch_id = hashlib.sha256(scratch.encode()).hexdigest()[:16]
         ds = datasets.Dataset.from_dict({"messages": [json.dumps(m) for m in conversations]})
         with _quiet_datasets(datasets):
             mapped = ds.map(
@@ -180,12 +181,13 @@ def encode_conversations(
                 num_proc=num_proc,
                 remove_columns=["messages"],
                 cache_file_name=str(Path(scratch) / "encoded.arrow"),
-                new_fingerprint=hashlib.sha256(os.urandom(16)).hexdigest()[
-                    :16
-                ],  # no hashing of the tokenizer
+                new_fingerprint=scratch_id,  # spares datasets hashing the tokenizer
                 desc="encode",
             )
-        (ids, cuts), (labels, _) = (_list_column(mapped.data.column(c)) for c in ("input_ids", "labels"))
+        (ids, cuts), (labels, label_cuts) = (
+            _list_column(mapped.data.column(c)) for c in ("input_ids", "labels")
+        )
+        assert np.array_equal(cuts, label_cuts), "input_ids and labels rows differ in length"
         errors = mapped.data.column("error").to_pylist()
         del mapped, ds
     ids, labels = np.split(ids, cuts[1:-1]), np.split(labels, cuts[1:-1])
