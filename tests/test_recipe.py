@@ -313,3 +313,79 @@ def test_template_that_refuses_a_conversation_names_the_row_or_counts_it(tmp_pat
     prepared = prepare_data(compose([*base, "data.on_error=skip"]).data, tok, template=no_system)
     assert prepared.report["sources"][0]["dropped"] == {"template_mismatch": 1}
     assert prepared.report["sources"][0]["kept"] == 4
+
+
+def test_flat_oasst_message_table_is_assembled_into_the_same_trees(tmp_path):
+    """oasst1's released shape (one message per row, parent_id links, parquet) reads like its trees."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = fixture_path("data", "oasst_en_100_trees.jsonl")
+    trees = [json.loads(line) for line in path.read_text().splitlines()]
+    flat = []
+
+    def walk(node, parent, tree_id):  # post-order: every reply comes before its parent, siblings in order
+        for reply in node.get("replies", []):
+            walk(reply, node["message_id"], tree_id)
+        flat.append(
+            {
+                "message_id": node["message_id"],
+                "parent_id": parent,
+                "message_tree_id": tree_id,
+                "role": node["role"],
+                "text": node["text"],
+                "lang": node.get("lang"),
+                "rank": node.get("rank"),
+                "deleted": node.get("deleted", False),
+                "review_result": node.get("review_result", True),
+            }
+        )
+
+    for tree in reversed(trees):
+        walk(tree["prompt"], None, tree["message_tree_id"])
+    pq.write_table(pa.Table.from_pylist(flat), tmp_path / "oasst1.parquet")
+
+    def conversations(src_path, paths):
+        cfg = compose(
+            [
+                f"data.sources=[{{path: {src_path}, tree_paths: {paths}}}]",
+                "data.eval_sources=[]",
+                "data.max_length=4096",
+            ]
+        )
+        prepared = prepare_data(cfg.data, load_tokenizer(cfg.model))
+        rows = prepared.train_rows
+        starts = [i for i, x in enumerate(rows.position_ids.tolist()) if x == 0] + [len(rows.position_ids)]
+        docs = sorted(tuple(rows.input_ids[x:y].tolist()) for x, y in zip(starts, starts[1:]))
+        return prepared.report["sources"][0], docs
+
+    for paths in ("best", "all"):
+        src_tree, docs_tree = conversations(path, paths)
+        src_flat, docs_flat = conversations(tmp_path / "oasst1.parquet", paths)
+        assert src_flat["rows_read"] == len(trees) == 100
+        assert docs_flat == docs_tree
+        for key in ("kept", "tokens", "trained_tokens", "dropped", "extra_from_trees"):
+            assert src_flat[key] == src_tree[key], (paths, key)
+
+    # The `data=oasst` preset on this stand-in: filters read the root message's fields (one tree made German).
+    roots = [r for r in flat if r["parent_id"] is None]
+    roots[0]["lang"] = "de"
+    pq.write_table(pa.Table.from_pylist(flat), tmp_path / "oasst1-mixed.parquet")
+    cfg = compose(
+        ["data=oasst", f"data.sources.0.path={tmp_path / 'oasst1-mixed.parquet'}", "data.max_length=4096"]
+    )
+    src = prepare_data(cfg.data, load_tokenizer(cfg.model)).report["sources"][0]
+    assert src["dropped"]["include:lang"] == 1 and src["dropped"]["held_out_for_eval"] > 0
+    assert src["kept"] + sum(src["dropped"].values()) == 100
+
+
+@pytest.mark.badinput
+def test_flat_oasst_with_a_missing_parent_names_the_row(tmp_path):
+    rows = [
+        {"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"},
+        {"message_id": "b", "parent_id": "zzz", "role": "assistant", "text": "A"},
+    ]
+    path = write_jsonl(tmp_path / "flat.jsonl", rows)
+    cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"])
+    with pytest.raises(RowError, match=r"flat.jsonl:2: parent_id 'zzz' is not a message in this source"):
+        prepare_data(cfg.data, load_tokenizer(cfg.model))

@@ -6,7 +6,8 @@ Formats (detected per source from its columns, or set with `format`):
 - alpaca:             {"instruction", "input"?, "output"}        (also Dolly's instruction/context/response)
 - prompt_completion:  {"prompt", "completion" | "response"}      (prompt may itself be a message list)
 - oasst:              an OpenAssistant tree, {"prompt": node} or a root node itself, where a node is
-                      {"text", "role": prompter|assistant, "rank"?, "deleted"?, "review_result"?, "replies": [...]}
+                      {"text", "role": prompter|assistant, "rank"?, "deleted"?, "review_result"?, "replies": [...]};
+                      or oasst1's flat message table (message_id, parent_id, role, text, ...), assembled into trees
 
 Column names can be remapped per source (`columns: {messages: dialog}`).
 """
@@ -76,7 +77,56 @@ def source_name(src: Any) -> str:
 
 
 def read_rows(src: Any, on_error: str, report: SourceReport) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (location, row) from a local file, a local dataset dir, or a hub dataset."""
+    """Yield (location, row) from a local file, a local dataset dir, or a hub dataset.
+
+    A flat OpenAssistant message table (oasst1's parquet: one message per row, linked by parent_id) is
+    assembled into one tree row per conversation tree first.
+    """
+    rows = _read_rows(src, on_error, report)
+    first = next(rows, None)
+    if first is None:
+        return
+    if src.format.value in ("auto", "oasst") and _is_flat_oasst(first[1]):
+        yield from assemble_oasst_trees([first, *rows])
+        return
+    yield first
+    yield from rows
+
+
+def _is_flat_oasst(row: dict[str, Any]) -> bool:
+    return {"message_id", "parent_id", "role", "text"} <= set(row) and "replies" not in row
+
+
+def assemble_oasst_trees(rows: list[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Group flat OASST messages into trees: one row per root, `{"prompt": root, <root's scalar fields>}`.
+
+    Filters then apply to the root message's fields (e.g. `include: {lang: [en]}`); a message whose parent
+    is missing is reported with its location.
+    """
+    nodes: dict[str, dict[str, Any]] = {}
+    where_of: dict[str, str] = {}
+    for where, row in rows:
+        if not _is_flat_oasst(row):
+            raise RowError(f"{where}: expected an OASST message (message_id, parent_id, role, text)")
+        node = {**row, "replies": []}
+        nodes[row["message_id"]] = node
+        where_of[row["message_id"]] = where
+    roots = []
+    for mid, node in nodes.items():
+        parent = node.get("parent_id")
+        if parent is None:
+            roots.append(mid)
+        elif parent in nodes:
+            nodes[parent]["replies"].append(node)
+        else:
+            raise RowError(f"{where_of[mid]}: parent_id {parent!r} is not a message in this source")
+    for mid in roots:
+        root = nodes[mid]
+        scalars = {k: v for k, v in root.items() if isinstance(v, (str, int, float, bool)) or v is None}
+        yield where_of[mid], {**scalars, "prompt": root}
+
+
+def _read_rows(src: Any, on_error: str, report: SourceReport) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(str(src.path)).expanduser()
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".jsonl":
