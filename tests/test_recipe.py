@@ -389,3 +389,14 @@ def test_flat_oasst_with_a_missing_parent_names_the_row(tmp_path):
     cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"])
     with pytest.raises(RowError, match=r"flat.jsonl:2: parent_id 'zzz' is not a message in this source"):
         prepare_data(cfg.data, load_tokenizer(cfg.model))
+    rows[1] = {"message_id": "a", "parent_id": None, "role": "prompter", "text": "again"}
+    path = write_jsonl(tmp_path / "flat.jsonl", rows)
+    with pytest.raises(RowError, match=r"flat.jsonl:2: message_id 'a' repeats .*flat.jsonl:1"):
+        prepare_data(cfg.data, load_tokenizer(cfg.model))
+    rows[1:] = [
+        {"message_id": "b", "parent_id": "c", "role": "assistant", "text": "A"},
+        {"message_id": "c", "parent_id": "b", "role": "prompter", "text": "Q"},
+    ]
+    path = write_jsonl(tmp_path / "flat.jsonl", rows)
+    with pytest.raises(RowError, match="2 OASST messages are not under any root"):
+        prepare_data(cfg.data, load_tokenizer(cfg.model))

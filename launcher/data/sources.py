@@ -108,8 +108,9 @@ def assemble_oasst_trees(rows: list[tuple[str, dict[str, Any]]]) -> Iterator[tup
     for where, row in rows:
         if not _is_flat_oasst(row):
             raise RowError(f"{where}: expected an OASST message (message_id, parent_id, role, text)")
-        node = {**row, "replies": []}
-        nodes[row["message_id"]] = node
+        if row["message_id"] in nodes:
+            raise RowError(f"{where}: message_id {row['message_id']!r} repeats {where_of[row['message_id']]}")
+        nodes[row["message_id"]] = {**row, "replies": []}
         where_of[row["message_id"]] = where
     roots = []
     for mid, node in nodes.items():
@@ -120,6 +121,14 @@ def assemble_oasst_trees(rows: list[tuple[str, dict[str, Any]]]) -> Iterator[tup
             nodes[parent]["replies"].append(node)
         else:
             raise RowError(f"{where_of[mid]}: parent_id {parent!r} is not a message in this source")
+    reached, stack = 0, [nodes[mid] for mid in roots]
+    while stack:
+        reached += 1
+        stack += stack.pop()["replies"]
+    if reached < len(nodes):  # a parent_id cycle: those messages hang off no root
+        raise RowError(
+            f"{len(nodes) - reached} OASST messages are not under any root message (parent_id cycle)"
+        )
     for mid in roots:
         root = nodes[mid]
         scalars = {k: v for k, v in root.items() if isinstance(v, (str, int, float, bool)) or v is None}
