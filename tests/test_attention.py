@@ -30,15 +30,8 @@ ARCHS = {
     "gemma3": dict(model_type="gemma3_text", sliding_window=4, head_dim=8),
 }
 BACKENDS = ["eager", "sdpa", "flex_attention"]
-# transformers has no sdpa path for Gemma2. Flex with a sliding-window BlockMask fails to *compile* on CPU
-# (inductor C++ codegen error, torch 2.13: "cur_qSplitSize5 was not declared"); those pairs run in the GPU tests.
-UNSUPPORTED = {
-    ("gemma2", "sdpa"),
-    ("qwen2_sliding", "flex_attention"),
-    ("mistral_sliding", "flex_attention"),
-    ("gemma2", "flex_attention"),
-    ("gemma3", "flex_attention"),
-}
+# transformers has no sdpa path for Gemma2.
+UNSUPPORTED = {("gemma2", "sdpa")}
 LENGTHS = [9, 13, 6, 11]
 
 
@@ -77,6 +70,15 @@ def per_document(model, rows, attention):
     return torch.cat(outs)
 
 
+def static_shapes():
+    """Compile flex attention for static shapes only.
+
+    torch 2.13's CPU inductor emits C++ that does not compile for a sliding-window document BlockMask once a
+    second shape turns on dynamic shapes ("cur_qSplitSize5 was not declared"); static shapes compile.
+    """
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+
+
 CASES = [(a, b) for a in ARCHS for b in BACKENDS if (a, b) not in UNSUPPORTED]
 
 
@@ -85,10 +87,14 @@ def test_packed_logits_equal_per_document(model_dirs, arch, attention):
     model = load_model(str(model_dirs[arch]), attention=attention).eval()
     rows = pack_examples(documents(), max_length=24)  # several rows, several docs per row, padding
     assert any(len(doc_lengths(r["position_ids"])) > 1 for r in rows)
-    with torch.no_grad():
+    with torch.no_grad(), static_shapes():
         batch = collate(rows, attention)
         packed = model(**batch).logits
         real = torch.cat([packed[i, : len(r["input_ids"])] for i, r in enumerate(rows)])
+        if attention == "flex_attention":
+            # Each document length would be one more flex compile (~15 s each on CPU): the per-document
+            # reference comes from eager attention on the same weights instead, an independent kernel.
+            model, attention = load_model(str(model_dirs[arch]), attention="eager").eval(), "eager"
         ref = per_document(model, rows, attention)
     assert (real - ref).abs().max().item() <= 1e-5
 
