@@ -360,7 +360,7 @@ class OursRunner:
     def step(self, i: int) -> None:
         import time as _time
 
-        from launcher.data.loader import collate, to_device
+        from launcher.data.loader import collate
         from launcher.train import step_flops, train_step
 
         _sync(self.device)
@@ -369,7 +369,7 @@ class OursRunner:
         if self.name == "raw_ds":
             loss = None
             for k in range(0, len(rows), self.micro):
-                b = to_device(collate(rows[k : k + self.micro], self.attention, self.pad_id), self.device)
+                b = collate(rows[k : k + self.micro], self.attention, self.pad_id, device=self.device)
                 loss = self.eng(
                     **b
                 ).loss  # the model's own (mean) HF loss; DeepSpeed scales by 1/accumulation

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launcher.data.loader import collate, to_device
+from launcher.data.loader import collate
 from launcher.data.packing import doc_lengths
 from launcher.data.template import IGNORE_INDEX
 
@@ -74,7 +74,7 @@ def eval_loss(
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch_rows in _shard(rows, rank, world, micro_batch):
         real = batch_rows is not None
-        batch = to_device(collate(batch_rows if real else rows[:1], attention, pad_id), device)
+        batch = collate(batch_rows if real else rows[:1], attention, pad_id, device=device)
         loss_sum, n = target_token_loss(model, batch)
         if real:
             total += torch.stack([loss_sum.double(), n.double()])
@@ -90,7 +90,7 @@ def packing_error(model: Any, row: dict, lengths: Sequence[int], attention: str,
 
     Each document's reference runs alone, with positions 0..n-1, whatever the row's own position ids say.
     """
-    packed = model(**model_inputs(to_device(collate([row], attention), device))).logits[0].float()
+    packed = model(**model_inputs(collate([row], attention, device=device))).logits[0].float()
     worst, scale, start = 0.0, 0.0, 0
     for n in lengths[:4]:
         doc = {
@@ -98,7 +98,7 @@ def packing_error(model: Any, row: dict, lengths: Sequence[int], attention: str,
             "labels": row["labels"][start : start + n],
             "position_ids": list(range(n)),
         }
-        single = model(**model_inputs(to_device(collate([doc], attention), device))).logits[0].float()
+        single = model(**model_inputs(collate([doc], attention, device=device))).logits[0].float()
         worst = max(worst, (packed[start : start + n] - single).abs().max().item())
         scale = max(scale, single.abs().max().item())
         start += n

@@ -28,9 +28,10 @@ from launcher import engine as ds_engine
 from launcher.attention import resolve_backend
 from launcher.checkpoint import export_hf
 from launcher.config import validate
-from launcher.data.loader import StepSampler, collate, to_device
+from launcher.data.loader import StepSampler, collate
 from launcher.data.packing import doc_lengths
 from launcher.data.pipeline import Prepared, cached_prepare, format_report
+from launcher.data.template import IGNORE_INDEX
 from launcher.evaluate import check_packing, eval_loss, exact_match, target_token_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, load_tokenizer
@@ -150,18 +151,21 @@ def train_step(
     eng: Any, my_rows: list[dict], micro: int, attention: str, device: torch.device, pad_id: int, world: int
 ) -> dict[str, float]:
     """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens."""
-    batches = [collate(my_rows[i : i + micro], attention, pad_id) for i in range(0, len(my_rows), micro)]
-    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    # The packer leaves every document's first label at -100, so counting labels counts next-token targets.
+    n_local = sum(len(r["labels"]) - list(r["labels"]).count(IGNORE_INDEX) for r in my_rows)
     n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
     dist.all_reduce(n_global)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
-    for b in batches:
-        b = to_device(b, device)
-        loss_sum, _ = target_token_loss(eng, b)
+    counted = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(0, len(my_rows), micro):
+        b = collate(my_rows[i : i + micro], attention, pad_id, device=device)
+        loss_sum, n_targets = target_token_loss(eng, b)
+        counted += n_targets
         # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum.
         ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
         eng.step()
         loss_total += loss_sum.detach().double()
+    assert int(counted) == n_local, (int(counted), n_local)  # the normaliser counted what the loss summed
     dist.all_reduce(loss_total)
     return {"loss": (loss_total / n_global.clamp(min=1)).item(), "trained_tokens": int(n_global.item())}
 

@@ -10,7 +10,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from launcher.attention import varlen_available
 from launcher.data import collate, pack_examples
-from launcher.data.loader import to_device
 from launcher.data.packing import doc_lengths
 from launcher.model import load_model
 
@@ -61,7 +60,7 @@ def test_packed_equals_per_document_sdpa_reference(tmp_path, arch, attention):
     ]
     rows = pack_examples(docs, max_length=1024)
     with torch.no_grad():
-        batch = to_device(collate(rows, attention), torch.device("cuda"))
+        batch = collate(rows, attention, device="cuda")
         logits = model(**batch).logits
         if attention not in ("torch_varlen", "flash_attention_2"):
             logits = torch.cat([logits[i, : len(r["input_ids"])] for i, r in enumerate(rows)])[None]

@@ -27,7 +27,10 @@ from launcher.data.template import IGNORE_INDEX
 
 
 def collate(
-    rows: Sequence[dict[str, Sequence[int]]], attention: str = "sdpa", pad_id: int = 0
+    rows: Sequence[dict[str, Sequence[int]]],
+    attention: str = "sdpa",
+    pad_id: int = 0,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Stack packed rows into tensors for the given attention backend.
 
@@ -35,10 +38,14 @@ def collate(
         rows: dicts with `input_ids`, `labels`, `position_ids` (as from `pack_examples`).
         attention: backend name (sdpa, eager, flex_attention, torch_varlen, flash_attention_2/3).
         pad_id: token id used to pad rows to the longest one (padding never carries a label).
+        device: where the batch goes (default CPU). Token tensors are built on the CPU and copied; a mask is
+            built on the device itself: a [B, 1, T, T] float mask is cheaper to make there than to copy, and a
+            flex BlockMask must be made where it is used.
 
     Returns:
         `input_ids`, `labels`, `position_ids` and the backend's document metadata, with `use_cache=False`.
     """
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if not rows:
         raise ValueError("collate() got no rows")
     if attention in VARLEN_BACKENDS:
@@ -46,11 +53,12 @@ def collate(
         ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long)[None]
         labels = torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.long)[None]
         pos = torch.tensor([t for r in rows for t in r["position_ids"]], dtype=torch.long)[None]
-        cu, max_len = cu_seq_lens(pos)
+        cu, max_len = cu_seq_lens(pos)  # on the CPU: max_len is a Python int, read without a device sync
+        cu = _move(cu, device)
         return {
-            "input_ids": ids,
-            "labels": labels,
-            "position_ids": pos,
+            "input_ids": _move(ids, device),
+            "labels": _move(labels, device),
+            "position_ids": _move(pos, device),
             "cu_seq_lens_q": cu,
             "cu_seq_lens_k": cu,
             "max_length_q": max_len,
@@ -70,23 +78,22 @@ def collate(
         labels[i, :n] = torch.as_tensor(r["labels"])
         pos[i, :n] = torch.as_tensor(r["position_ids"])
         pos[i, n:] = torch.arange(t - n)
+    pos = _move(pos, device)
     mask = document_block_mask(pos) if attention == "flex_attention" else block_causal_float_mask(pos)
     return {
-        "input_ids": ids,
-        "labels": labels,
+        "input_ids": _move(ids, device),
+        "labels": _move(labels, device),
         "position_ids": pos,
         "attention_mask": mask,
         "use_cache": False,
     }
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch; a flex BlockMask is rebuilt on the device (its mask_mod captured CPU tensors)."""
-    out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    mask = out.get("attention_mask")
-    if mask is not None and not isinstance(mask, torch.Tensor) and device.type != "cpu":
-        out["attention_mask"] = document_block_mask(out["position_ids"])
-    return out
+def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    # Pinned host memory lets the copy run asynchronously, overlapped with the previous micro-batch's kernels.
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def pack_cost(row: dict[str, Sequence[int]]) -> tuple[int, int]:
