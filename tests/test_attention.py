@@ -143,6 +143,24 @@ def test_check_catches_a_mask_that_ignores_documents(model_dirs, monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_check_catches_an_all_ones_attention_mask(model_dirs, monkeypatch, attention):
+    # The padding-free collators of other tools hand the model restarting positions and an all-ones [B, T]
+    # mask; transformers then builds one causal mask over the whole row.
+    import launcher.evaluate as evaluate
+
+    def all_ones(rows, attention, pad_id=0, device=None):
+        batch = collate(rows, attention, pad_id, device)
+        return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+
+    model = load_model(str(model_dirs["llama"]), attention=attention).eval()
+    rows = pack_examples(documents(), max_length=24)
+    check_packing(model, rows, attention, torch.device("cpu"), tol=1e-4)  # the real collator passes
+    monkeypatch.setattr(evaluate, "collate", all_ones)
+    with pytest.raises(ValueError, match=f"attention={attention}: .*leaking"):
+        check_packing(model, rows, attention, torch.device("cpu"), tol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_check_catches_positions_that_do_not_restart(model_dirs, attention):
     # A packer that forgets to restart positions hides the boundaries the collator derives masks from.
     model = load_model(str(model_dirs["llama"]), attention=attention).eval()
