@@ -15,6 +15,7 @@ decoder (:func:`install_packing_hook`) because only the model's config knows whi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -29,8 +30,17 @@ MASK_BACKENDS = ("sdpa", "eager")
 ALL_BACKENDS = (*VARLEN_BACKENDS, *MASK_BACKENDS, "flex_attention")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn `auto` into a concrete backend: flash-attn if importable, torch varlen on CUDA, else sdpa."""
+def resolve_backend(
+    name: str, device: torch.device, model_config: Any = None, dtype: torch.dtype | None = None
+) -> str:
+    """Turn `auto` into a concrete backend, and refuse a named one that cannot run this model here.
+
+    `auto`: flash-attn if importable, else PyTorch's varlen kernel on CUDA, else sdpa. The flash kernels run in
+    bf16/fp16 only, and PyTorch's has no logit softcapping (Gemma2), so those models get flex attention on CUDA
+    and eager on the CPU (transformers has no sdpa path for them).
+    """
+    softcap = getattr(model_config, "attn_logit_softcapping", None)
+    half = dtype in (torch.bfloat16, torch.float16) if dtype is not None else True
     if name != "auto":
         if name not in ALL_BACKENDS:
             raise ValueError(f"model.attention={name!r}: choose one of auto, {', '.join(ALL_BACKENDS)}")
@@ -40,13 +50,27 @@ def resolve_backend(name: str, device: torch.device) -> str:
             raise ValueError(
                 "model.attention=torch_varlen needs CUDA and torch.nn.attention.varlen (torch>=2.9)"
             )
+        if name == "torch_varlen" and softcap:
+            raise ValueError(
+                f"model.attention=torch_varlen cannot apply this model's attention logit softcapping "
+                f"(attn_logit_softcapping={softcap}): use flash_attention_2, flex_attention or eager"
+            )
+        if name in VARLEN_BACKENDS and not half:
+            raise ValueError(f"model.attention={name} runs in bf16/fp16 only: set model.dtype=bf16")
         return name
-    if device.type == "cuda":
-        if _flash_attn_importable("flash_attention_2"):
-            return "flash_attention_2"
-        if varlen_available():
-            return "torch_varlen"
-    return "sdpa"
+    chosen, why = "sdpa", "no CUDA" if device.type != "cuda" else "no flash-attn, no torch varlen kernel"
+    if device.type == "cuda" and half and _flash_attn_importable("flash_attention_2"):
+        chosen, why = "flash_attention_2", "flash-attn is importable"
+    elif device.type == "cuda" and softcap:
+        chosen, why = "flex_attention", "the model softcaps attention logits"
+    elif device.type == "cuda" and half and varlen_available():
+        chosen, why = "torch_varlen", "CUDA, flash-attn not installed"
+    elif softcap:
+        chosen, why = "eager", "the model softcaps attention logits and has no sdpa path"
+    elif device.type == "cuda" and not half:
+        why = "fp32: the flash kernels run in bf16/fp16 only"
+    log.info("model.attention=auto -> %s (%s)", chosen, why)
+    return chosen
 
 
 def _flash_attn_importable(name: str) -> bool:
@@ -122,6 +146,12 @@ def _varlen_forward(
     """
     from torch.nn.attention.varlen import varlen_attn
 
+    # Options the kernel cannot apply would otherwise be dropped silently (Gemma2 passes softcap=50).
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
+        raise ValueError(
+            "torch_varlen cannot apply attention logit softcapping, attention sinks or attention dropout: "
+            "use model.attention=flex_attention or eager for this model"
+        )
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         raise ValueError(
@@ -130,10 +160,15 @@ def _varlen_forward(
     max_len = int(kwargs["max_length_q"])
     b, hq, n, d = query.shape
     assert b == 1, "torch_varlen expects a flattened [1, N] batch"
-    q = query.transpose(1, 2).reshape(n, hq, d)
-    k = key.transpose(1, 2).reshape(n, key.shape[1], d)
-    v = value.transpose(1, 2).reshape(n, value.shape[1], d)
-    params = inspect.signature(varlen_attn).parameters
+    # The kernel takes one dtype for q, k and v. Under autocast (an fp32 model, as TRL trains) RoPE leaves q and k
+    # in fp32 while v is bf16, and a custom op is not autocast: cast as transformers' flash wrapper does.
+    # (fp32 without autocast is refused earlier, by resolve_backend.)
+    device_type = query.device.type
+    target = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    q = query.transpose(1, 2).reshape(n, hq, d).to(target)
+    k = key.transpose(1, 2).reshape(n, key.shape[1], d).to(target)
+    v = value.transpose(1, 2).reshape(n, value.shape[1], d).to(target)
+    params = _varlen_params(varlen_attn)
     call: dict[str, Any] = {}
     if "scale" in params:
         call["scale"] = scaling
@@ -155,6 +190,12 @@ def _varlen_forward(
             v = v.repeat_interleave(hq // v.shape[1], dim=1)
     out = varlen_attn(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len, **call)
     return out.reshape(1, n, hq, d), None
+
+
+@functools.cache
+def _varlen_params(fn: Any) -> frozenset[str]:
+    """The keyword arguments this torch's varlen_attn takes (read once: the adapter runs in every layer)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def register_varlen() -> None:

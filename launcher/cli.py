@@ -135,15 +135,16 @@ def cmd_check(overrides: list[str]) -> int:
     from launcher.attention import resolve_backend
     from launcher.data.pipeline import prepare_data
     from launcher.evaluate import check_packing
-    from launcher.model import build_model, load_tokenizer
+    from launcher.model import build_model, load_tokenizer, model_config
 
     cfg = _compose(overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(cfg.model)
     rows = prepare_data(cfg.data, tok, cfg.model.chat_template).train_rows[:64]
-    attention = resolve_backend(cfg.model.attention.value, device)
     bf16 = device.type == "cuda" and cfg.model.dtype.value != "fp32"
-    model = build_model(cfg.model, len(tok), attention, torch.bfloat16 if bf16 else torch.float32).to(device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    attention = resolve_backend(cfg.model.attention.value, device, model_config(cfg.model, len(tok)), dtype)
+    model = build_model(cfg.model, len(tok), attention, dtype).to(device)
     print({"attention": attention, **check_packing(model, rows, attention, device, 3e-2 if bf16 else 1e-4)})
     return 0
 

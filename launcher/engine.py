@@ -121,6 +121,9 @@ def build_ds_config(ds_cfg: Any, train_cfg: Any, world_size: int, bf16: bool) ->
         "steps_per_print": 10**9,
         # We hand DeepSpeed a torch optimizer (AdamW here; SGD in the invariance test).
         "zero_allow_untested_optimizer": True,
+        # With the optimizer offloaded, DeepSpeed refuses any optimizer but its own CPU Adam, a C++ extension
+        # compiled at first use. torch's AdamW steps the CPU-resident fp32 partitions instead: no compiler needed.
+        "zero_force_ds_cpu_optimizer": False,
         "wall_clock_breakdown": False,
     }
     if ds_cfg.config_file:

@@ -63,6 +63,17 @@ def load_model(
     return _prepare(model, attention)
 
 
+def model_config(model_cfg: Any, vocab_size: int) -> Any:
+    """The transformers config of the configured model, without its weights (to choose an attention backend)."""
+    from transformers import AutoConfig
+
+    if model_cfg.name_or_path:
+        return AutoConfig.from_pretrained(
+            model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
+        )
+    return AutoConfig.for_model(**{**dict(model_cfg.init), "vocab_size": vocab_size})
+
+
 def build_model(
     model_cfg: Any,
     vocab_size: int,
@@ -71,7 +82,7 @@ def build_model(
     init_context: Callable[[], Any] | None = None,
 ) -> torch.nn.Module:
     """The configured model: loaded from `name_or_path`, or randomly initialised from `init`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if model_cfg.name_or_path:
         model = load_model(
@@ -83,8 +94,7 @@ def build_model(
         return model
     if attention == "torch_varlen":
         register_varlen()
-    init = dict(model_cfg.init)
-    config = AutoConfig.for_model(**{**init, "vocab_size": vocab_size})
+    config = model_config(model_cfg, vocab_size)
     with (init_context or contextlib.nullcontext)():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
     return _prepare(model, attention)

@@ -34,7 +34,7 @@ from launcher.data.pipeline import Prepared, cached_prepare, format_report
 from launcher.data.template import IGNORE_INDEX
 from launcher.evaluate import check_packing, eval_loss, exact_match, target_token_loss
 from launcher.metrics import build_logger
-from launcher.model import build_model, load_tokenizer
+from launcher.model import build_model, load_tokenizer, model_config
 
 log = logging.getLogger("launcher")
 
@@ -194,10 +194,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     sampler = StepSampler(data.train_rows, world, rank, t.micro_batch_size * accum, cfg.data.seed)
 
     # ---- model + engine ----
-    attention = resolve_backend(cfg.model.attention.value, device)
     bf16 = cfg.model.dtype.value == "bf16" or (cfg.model.dtype.value == "auto" and ds_engine.bf16_supported())
     if bf16 and device.type == "cpu":
         raise ValueError("model.dtype=bf16 on CPU is not supported here: use model.dtype=auto or fp32")
+    attention = resolve_backend(
+        cfg.model.attention.value,
+        device,
+        model_config(cfg.model, len(tok)),
+        torch.bfloat16 if bf16 else torch.float32,
+    )
     ds_config = ds_engine.build_ds_config(cfg.deepspeed, t, world, bf16)
     model = build_model(
         cfg.model,

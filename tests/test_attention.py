@@ -214,6 +214,7 @@ def reference_varlen_attn(
     (-1, 0) is causal, (W, 0) is causal with each query seeing itself and the W keys before it.
     """
     assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert q.dtype == k.dtype == v.dtype, "the kernel takes one dtype for q, k and v"
     if k.shape[1] != q.shape[1]:
         assert enable_gqa, "GQA inputs without enable_gqa=True"
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -251,3 +252,52 @@ def test_torch_varlen_adapter_with_a_reference_kernel(model_dirs, arch, monkeypa
         packed = model(**batch).logits[0]
         ref = per_document(eager, rows, "eager")
     assert (packed - ref).abs().max().item() <= 1e-5
+
+
+def test_torch_varlen_adapter_under_autocast(model_dirs, monkeypatch):
+    """An fp32 model under bf16 autocast (how TRL trains): RoPE leaves q/k in fp32 and v in bf16; the adapter
+    hands the kernel one dtype."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+    model = load_model(str(model_dirs["llama"]), attention="torch_varlen").eval()
+    eager = load_model(str(model_dirs["llama"]), attention="eager").eval()
+    rows = pack_examples(documents(), max_length=24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = model(**collate(rows, "torch_varlen")).logits[0].float()
+        ref = per_document(eager, rows, "eager").float()
+    assert rel_err(packed, ref) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"softcap": 50.0}, {"s_aux": torch.zeros(4)}, {"dropout": 0.1}],
+    ids=["softcap", "sinks", "dropout"],
+)
+def test_torch_varlen_refuses_what_the_kernel_cannot_apply(kwargs):
+    from launcher.attention import _varlen_forward
+
+    x = torch.zeros(1, 4, 6, 8)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="flex_attention or eager"):
+        _varlen_forward(None, x, x, x, None, cu_seq_lens_q=cu, max_length_q=6, **kwargs)
+
+
+def test_auto_backend_follows_the_model(model_dirs):
+    from transformers import AutoConfig
+
+    from launcher.attention import resolve_backend
+
+    cpu = torch.device("cpu")
+    gemma2 = AutoConfig.from_pretrained(model_dirs["gemma2"])
+    llama = AutoConfig.from_pretrained(model_dirs["llama"])
+    assert resolve_backend("auto", cpu, llama, torch.float32) == "sdpa"
+    assert resolve_backend("auto", cpu, gemma2, torch.float32) == "eager"  # softcapping, no sdpa path
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("torch_varlen", cpu, llama, torch.bfloat16)
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_backend("flash", cpu, llama)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()

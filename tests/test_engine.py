@@ -46,3 +46,19 @@ def test_malformed_user_json_names_file_and_line(tmp_path):
     cfg = compose([f"deepspeed.config_file={path}"])
     with pytest.raises(ValueError, match=r"ds.json:4: malformed JSON"):
         build_ds_config(cfg.deepspeed, cfg.train, world_size=1, bf16=False)
+
+
+@pytest.mark.slow
+def test_offload_preset_trains_like_the_default(tmp_path):
+    """ZeRO-3 with optimizer and parameters offloaded to the CPU takes the same steps as without offload."""
+    from tests.test_resume import launch, train_rows
+
+    cache = tmp_path / "cache"
+    launch(tmp_path / "plain", cache, "train.max_steps=3", "train.warmup_steps=1")
+    launch(
+        tmp_path / "offload", cache, "train.max_steps=3", "train.warmup_steps=1", "deepspeed=zero3_offload"
+    )
+    plain, offload = train_rows(tmp_path / "plain"), train_rows(tmp_path / "offload")
+    assert sorted(offload) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert offload[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-4), step
