@@ -10,7 +10,8 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,7 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
     import deepspeed
 
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.update(slurm_env(os.environ))
     if "RANK" not in os.environ:
         # Single process: a one-rank group so the same code path (and DeepSpeed) works unchanged.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -54,8 +53,10 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # srun --gpus-per-task shows each task only its own GPU: local rank 3 then owns device 0.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     deepspeed.init_distributed(
@@ -69,6 +70,34 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1)),
         device=device,
     )
+
+
+def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed's variables for a task started by `srun`, from the SLURM_* ones.
+
+    The rendezvous host is the step's first node and the port is derived from the job id, so every task of the
+    step agrees on both without talking first (as Lightning does). Values already set are kept.
+    """
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
+        "MASTER_ADDR": first_host(nodes),
+        "MASTER_PORT": str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 10000),
+    }
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if tasks_per_node:  # "4(x2),2": the first group's count is this node's when counts are equal
+        out["LOCAL_WORLD_SIZE"] = tasks_per_node.split("(")[0].split(",")[0]
+    return {k: env.get(k) or v for k, v in out.items()}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist: "gpu[07-09,12],cpu1" -> "gpu07"."""
+    head = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    assert head is not None
+    prefix, ranges = head.group(1), head.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
 def exit_now(code: int) -> None:

@@ -62,3 +62,28 @@ def test_offload_preset_trains_like_the_default(tmp_path):
     assert sorted(offload) == [1, 2, 3]
     for step in (1, 2, 3):
         assert offload[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-4), step
+
+
+def test_srun_tasks_find_each_other_from_slurm_variables():
+    from launcher.engine import first_host, slurm_env
+
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert first_host("node3,node4") == "node3" and first_host("a-b[1]") == "a-b1"
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+        "SLURM_JOB_ID": "123456",
+    }
+    assert slurm_env(env) == {
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": "18456",
+        "LOCAL_WORLD_SIZE": "4",
+    }
+    assert slurm_env({**env, "MASTER_ADDR": "head", "MASTER_PORT": "29500"})["MASTER_ADDR"] == "head"
