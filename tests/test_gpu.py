@@ -77,3 +77,28 @@ def test_packed_equals_per_document_sdpa_reference(tmp_path, arch, attention):
 
 def flat_ids(rows: list[dict]) -> list[int]:
     return [t for r in rows for t in r["input_ids"]]
+
+
+def test_sft_launch_trains_on_the_gpu_in_bf16_with_the_varlen_kernel(tmp_path):
+    """The embedded default on one GPU: `auto` resolves to a varlen kernel, bf16, MFU logged, the loss falls."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run_dir = tmp_path / "run"
+    overrides = ["train.max_steps=30", "train.log_every=1", "train.exact_match_eval=false"]
+    overrides += ["logging.wandb_mode=disabled", "logging.progress=false"]
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "1", *overrides]
+    cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    expected = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "torch_varlen"
+    assert f"attention={expected}, bf16" in proc.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert "packing_check_rel" in (run_dir / "results.json").read_text()
+    if "H100" in torch.cuda.get_device_name():
+        assert 0 < [r for r in rows if "mfu" in r][-1]["mfu"] < 1
