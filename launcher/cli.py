@@ -166,8 +166,23 @@ COMMANDS = {
 }
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that the deepspeed launcher puts before our arguments (LOCAL_RANK says it too)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.split("=", 1)[0] in ("--local_rank", "--local-rank"):
+            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1] if i + 1 < len(argv) else ""
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1 if "=" in arg else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE)
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2

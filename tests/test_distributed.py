@@ -26,3 +26,25 @@ def test_loss_and_update_invariant_to_micro_batch_accumulation_and_world_size(tm
         torch.testing.assert_close(got["weights"], ref["weights"], atol=2e-6, rtol=1e-5, msg=str(key))
     # The step moved the weights: the comparison above is not between untouched initialisations.
     assert ref["weights"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_the_deepspeed_launcher_runs_sft_train(tmp_path):
+    """`deepspeed --module launcher.cli train ...`: its `--local_rank=N` argument is accepted, both ranks train."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_resume import COMMON
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731"]
+    cmd += ["--module", "launcher.cli", "train", *COMMON, "train.max_steps=2", "train.warmup_steps=1"]
+    cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 ranks" in proc.stdout, proc.stdout[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
