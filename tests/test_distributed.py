@@ -48,3 +48,35 @@ def test_the_deepspeed_launcher_runs_sft_train(tmp_path):
     assert "x 2 ranks" in proc.stdout, proc.stdout[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+def test_two_nodes_share_one_cache_and_train_as_one_job(tmp_path):
+    """Two torchrun agents as two nodes of one rank each (static rendezvous on this machine), one shared
+    cache_dir: both nodes' local rank 0 build the data cache at once, one copy lands, both ranks train."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_resume import COMMON
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}"]
+        cmd += ["--nproc_per_node=1", "--master_addr=127.0.0.1", "--master_port=29733"]
+        cmd += ["-m", "launcher.cli", "train", *COMMON, "train.max_steps=2", "train.warmup_steps=1"]
+        cmd += [f"run_dir={run_dir}", f"cache_dir={cache}"]
+        with open(tmp_path / f"node{node}.log", "w") as log:  # the child keeps its own copy of the file
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=600) for p in procs]
+    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "x 2 ranks" in logs[0]
+    assert [p.name for p in cache.iterdir()] == [next(cache.iterdir()).name], "one cache, no leftovers"
+    assert next(cache.iterdir()).name.startswith("prepared-")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,7 +365,8 @@ def cached_prepare(data_cfg: Any, tok: Any, template: str | None, cache_dir: str
         raise FileNotFoundError(f"prepared data {path} is missing: the building rank should have written it")
     prepared = prepare_data(data_cfg, tok, template)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    # Unique per builder: on a shared file system each node's local rank 0 builds at once, and pids can repeat.
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     _save_rows(prepared.train_rows, tmp / "train")
     _save_rows(prepared.eval_rows, tmp / "eval")
