@@ -42,6 +42,8 @@ def accelerator_name() -> str:
 def init_distributed(timeout_minutes: int) -> DistInfo:
     """Join the process group set up by torchrun / the deepspeed launcher / srun (or run single-process)."""
     accel = accelerator_name()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     import deepspeed
 
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
@@ -70,6 +72,26 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1)),
         device=device,
     )
+
+
+def die_with_parent() -> None:
+    """End this rank when its torchrun agent dies, however it dies.
+
+    torchrun starts each rank in a session of its own, so a SIGKILL to the launcher (a scheduler's preemption, an
+    OOM kill, `kill -9` of `sft launch`) leaves the ranks running as orphans that keep the GPUs and go on writing
+    checkpoints. Linux delivers SIGKILL to a child whose parent exits once PR_SET_PDEATHSIG asks for it.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the agent died before the request was in place
+        os._exit(1)
 
 
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:

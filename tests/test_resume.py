@@ -38,20 +38,68 @@ def train_rows(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 8-step run: (its per-step metrics, the shared cache dir)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    launch(tmp / "run", tmp / "cache", "train.max_steps=8")
+    return train_rows(tmp / "run"), tmp / "cache"
+
+
+def assert_same_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        for key in ("loss", "lr", "grad_norm", "trained_tokens"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
 @pytest.mark.slow
 @pytest.mark.resume
-def test_resume_continues_exactly(tmp_path):
-    cache = tmp_path / "cache"
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    launch(straight, cache, "train.max_steps=8")
+def test_resume_continues_exactly(tmp_path, straight):
+    want, cache = straight
+    split = tmp_path / "split"
     launch(split, cache, "train.max_steps=6")
     out = launch(split, cache, "train.max_steps=8", "train.resume=auto")
     assert "resumed at step 6" in out
-    a, b = train_rows(straight), train_rows(split)
-    assert sorted(b) == list(range(1, 9)), "steps 1-6 from the first run, 7-8 from the resumed one"
-    for step in range(1, 9):
-        for key in ("loss", "lr", "grad_norm", "trained_tokens"):
-            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert_same_steps(train_rows(split), want)  # steps 1-6 from the first run, 7-8 from the resumed one
+
+
+@pytest.mark.slow
+@pytest.mark.resume
+@pytest.mark.faults
+def test_a_killed_job_resumes_exactly_from_its_last_checkpoint(tmp_path, straight):
+    """SIGKILL to every process of a running job (a preemption, an OOM kill) right after its first checkpoint:
+    `train.resume=auto` picks up from the last complete checkpoint and the steps equal an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    want, cache = straight
+    run_dir = tmp_path / "run"
+    # The same run, but long enough that it is still training when the kill comes (the schedule is constant).
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=1000"]
+    cmd += ["train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
+    job = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    latest, deadline = run_dir / "checkpoints" / "latest", time.time() + 300
+    while not latest.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(
+        job.pid, signal.SIGKILL
+    )  # `sft launch` and its torchrun agent; the ranks must follow on their own
+    job.wait()
+    assert latest.exists(), "the job ended or timed out before its first checkpoint"
+    deadline = time.time() + 30
+    while ranks_running(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not ranks_running(run_dir), "ranks outlived their killed launcher"
+    killed_at = max(train_rows(run_dir))
+    assert killed_at < 1000, "the job was killed while training"
+    out = launch(run_dir, cache, "train.max_steps=8", "train.resume=auto")
+    resumed_from = int(out.split("resumed at step ")[1].split()[0])
+    assert resumed_from % 3 == 0 and resumed_from <= killed_at
+    assert_same_steps({k: v for k, v in train_rows(run_dir).items() if k <= 8}, want)
 
 
 @pytest.mark.badinput
@@ -70,3 +118,17 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "no DeepSpeed checkpoint there" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def ranks_running(run_dir) -> list[int]:
+    """Pids of processes whose command line names this run dir (launcher, agent or rank)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"run_dir={run_dir}".encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # exited while we looked
+            pass
+    return pids
