@@ -66,7 +66,8 @@ def cmd_launch(args: list[str]) -> int:
     ]
     print("launching:", " ".join(cmd), flush=True)
     t0 = time.time()
-    code = subprocess.call(cmd, env=env)
+    me = os.getpid()
+    code = subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(me))
     if code:  # on success rank 0's `run_dir:` stays the last line
         print(
             f"launch failed after {time.time() - t0:.1f}s with exit code {code}", file=sys.stderr, flush=True
@@ -166,13 +167,40 @@ COMMANDS = {
 }
 
 
+def die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies, however the parent dies (Linux).
+
+    `sft launch` -> torchrun agent -> ranks: torchrun starts each rank in a session of its own, so a SIGKILL to
+    the launcher or the agent (a preemption, an OOM kill, `kill -9`) would leave the agent and the ranks running
+    as orphans that hold the GPUs and go on writing checkpoints. Cheap enough to run between fork and exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid() if parent is None else parent
+    _PRCTL(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def _load_prctl():
+    import ctypes
+
+    # Looked up once, in the parent: the forked child of `sft launch` only calls it.
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+_PRCTL = _load_prctl()
+
+
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """Drop the `--local_rank=N` that the deepspeed launcher puts before our arguments (LOCAL_RANK says it too)."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
         if arg.split("=", 1)[0] in ("--local_rank", "--local-rank"):
-            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1] if i + 1 < len(argv) else ""
+            if "=" not in arg and i + 1 == len(argv):
+                raise ValueError(f"{arg} needs a value")
+            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
             os.environ.setdefault("LOCAL_RANK", value)
             i += 1 if "=" in arg else 2
             continue
@@ -182,7 +210,13 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: first thing, before slow imports
+        die_with_parent()
+    try:
+        argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE)
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2

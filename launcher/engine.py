@@ -42,8 +42,6 @@ def accelerator_name() -> str:
 def init_distributed(timeout_minutes: int) -> DistInfo:
     """Join the process group set up by torchrun / the deepspeed launcher / srun (or run single-process)."""
     accel = accelerator_name()
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        die_with_parent()
     import deepspeed
 
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
@@ -72,26 +70,6 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1)),
         device=device,
     )
-
-
-def die_with_parent() -> None:
-    """End this rank when its torchrun agent dies, however it dies.
-
-    torchrun starts each rank in a session of its own, so a SIGKILL to the launcher (a scheduler's preemption, an
-    OOM kill, `kill -9` of `sft launch`) leaves the ranks running as orphans that keep the GPUs and go on writing
-    checkpoints. Linux delivers SIGKILL to a child whose parent exits once PR_SET_PDEATHSIG asks for it.
-    """
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the agent died before the request was in place
-        os._exit(1)
 
 
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -237,7 +215,20 @@ def backward(engine: Any, loss: torch.Tensor) -> None:
 
 
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, client_state: dict) -> None:
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client_state)
+    """Save every rank's shards, then point `latest` at them once all are on disk.
+
+    DeepSpeed itself writes `latest` on rank 0 before its closing barrier, so a job killed in that window would
+    resume from a checkpoint whose other shards are half written; here `latest` moves only after a barrier,
+    and atomically (a temporary file renamed over it).
+    """
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = ckpt_dir / f"latest.tmp{os.getpid()}"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
+    dist.barrier()
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:

@@ -34,6 +34,7 @@ def launch(run_dir, cache, *extra):
 
 
 def train_rows(run_dir) -> dict[int, dict]:
+    """Training rows by step; a step logged again (after a resume) keeps its latest row."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "loss" in r}
 
@@ -68,8 +69,9 @@ def test_resume_continues_exactly(tmp_path, straight):
 @pytest.mark.resume
 @pytest.mark.faults
 def test_a_killed_job_resumes_exactly_from_its_last_checkpoint(tmp_path, straight):
-    """SIGKILL to every process of a running job (a preemption, an OOM kill) right after its first checkpoint:
-    `train.resume=auto` picks up from the last complete checkpoint and the steps equal an uninterrupted run."""
+    """SIGKILL to `sft launch` of a running job (a preemption, an OOM kill) after its first checkpoint: the agent
+    and the ranks die with it, `train.resume=auto` picks up from the last complete checkpoint, and the steps
+    equal an uninterrupted run."""
     import os
     import signal
     import time
@@ -82,18 +84,17 @@ def test_a_killed_job_resumes_exactly_from_its_last_checkpoint(tmp_path, straigh
     job = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
+    # Step 4 is logged after the step-3 checkpoint is complete on every rank: kill then, mid-training.
     latest, deadline = run_dir / "checkpoints" / "latest", time.time() + 300
-    while not latest.exists() and job.poll() is None and time.time() < deadline:
+    while logged_steps(run_dir) < 4 and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(
-        job.pid, signal.SIGKILL
-    )  # `sft launch` and its torchrun agent; the ranks must follow on their own
+    os.kill(job.pid, signal.SIGKILL)  # `sft launch` alone: the torchrun agent and the ranks must follow
     job.wait()
     assert latest.exists(), "the job ended or timed out before its first checkpoint"
     deadline = time.time() + 30
     while ranks_running(run_dir) and time.time() < deadline:
         time.sleep(0.1)
-    assert not ranks_running(run_dir), "ranks outlived their killed launcher"
+    assert not ranks_running(run_dir), "the agent or ranks outlived their killed launcher"
     killed_at = max(train_rows(run_dir))
     assert killed_at < 1000, "the job was killed while training"
     out = launch(run_dir, cache, "train.max_steps=8", "train.resume=auto")
@@ -132,3 +133,18 @@ def ranks_running(run_dir) -> list[int]:
         except OSError:  # exited while we looked
             pass
     return pids
+
+
+def logged_steps(run_dir) -> int:
+    """The last step in metrics.jsonl so far (0 before the file exists; a line being written is skipped)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            pass
+    return max(steps, default=0)
