@@ -30,45 +30,75 @@ MASK_BACKENDS = ("sdpa", "eager")
 ALL_BACKENDS = (*VARLEN_BACKENDS, *MASK_BACKENDS, "flex_attention")
 
 
+# Models whose attention adds learned sinks (`s_aux`), which neither varlen kernel applies.
+SINK_MODEL_TYPES = ("gpt_oss",)
+
+
+def attention_needs(model_config: Any) -> dict[str, Any]:
+    """What this model's attention asks of a kernel beyond causal softmax attention (falsy: nothing)."""
+    dropout = getattr(model_config, "attention_dropout", 0.0) or getattr(model_config, "attn_pdrop", 0.0)
+    return {
+        "softcap": getattr(model_config, "attn_logit_softcapping", None),
+        "sinks": getattr(model_config, "model_type", None) in SINK_MODEL_TYPES,
+        "dropout": float(dropout or 0.0),
+    }
+
+
+def _supports_sdpa(model_config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)], "_supports_sdpa", True))
+    except KeyError:  # remote code or no config: transformers itself will say if sdpa is missing
+        return True
+
+
 def resolve_backend(
     name: str, device: torch.device, model_config: Any = None, dtype: torch.dtype | None = None
 ) -> str:
     """Turn `auto` into a concrete backend, and refuse a named one that cannot run this model here.
 
-    `auto`: flash-attn if importable, else PyTorch's varlen kernel on CUDA, else sdpa. The flash kernels run in
-    bf16/fp16 only, and PyTorch's has no logit softcapping (Gemma2), so those models get flex attention on CUDA
-    and eager on the CPU (transformers has no sdpa path for them).
+    `auto`: flash-attn if importable, else PyTorch's varlen kernel on CUDA, else sdpa, always within what the
+    model needs: the flash kernels run in bf16/fp16 only; PyTorch's applies no logit softcapping (Gemma2),
+    attention sinks (gpt-oss) or attention dropout; flex attention no dropout; some models have no sdpa path.
     """
-    softcap = getattr(model_config, "attn_logit_softcapping", None)
+    needs = attention_needs(model_config)
+    varlen_gaps = [k for k, v in needs.items() if v]
     half = dtype in (torch.bfloat16, torch.float16) if dtype is not None else True
+    cuda = device.type == "cuda"
     if name != "auto":
         if name not in ALL_BACKENDS:
             raise ValueError(f"model.attention={name!r}: choose one of auto, {', '.join(ALL_BACKENDS)}")
         if name in ("flash_attention_2", "flash_attention_3") and not _flash_attn_importable(name):
             raise ValueError(f"model.attention={name}: the flash-attn package is not importable here")
-        if name == "torch_varlen" and not (device.type == "cuda" and varlen_available()):
+        if name == "torch_varlen" and not (cuda and varlen_available()):
             raise ValueError(
                 "model.attention=torch_varlen needs CUDA and torch.nn.attention.varlen (torch>=2.9)"
             )
-        if name == "torch_varlen" and softcap:
+        if name == "torch_varlen" and varlen_gaps:
             raise ValueError(
-                f"model.attention=torch_varlen cannot apply this model's attention logit softcapping "
-                f"(attn_logit_softcapping={softcap}): use flash_attention_2, flex_attention or eager"
+                f"model.attention=torch_varlen cannot apply this model's "
+                f"{', '.join(f'{k}={needs[k]}' for k in varlen_gaps)}: use model.attention=auto or eager"
+            )
+        if name == "flex_attention" and needs["dropout"]:
+            raise ValueError(
+                f"model.attention=flex_attention has no attention dropout (the model config asks for "
+                f"{needs['dropout']}): use sdpa or eager, or set the model's attention dropout to 0"
             )
         if name in VARLEN_BACKENDS and not half:
             raise ValueError(f"model.attention={name} runs in bf16/fp16 only: set model.dtype=bf16")
         return name
-    chosen, why = "sdpa", "no CUDA" if device.type != "cuda" else "no flash-attn, no torch varlen kernel"
-    if device.type == "cuda" and half and _flash_attn_importable("flash_attention_2"):
+    if cuda and half and not needs["sinks"] and _flash_attn_importable("flash_attention_2"):
         chosen, why = "flash_attention_2", "flash-attn is importable"
-    elif device.type == "cuda" and softcap:
-        chosen, why = "flex_attention", "the model softcaps attention logits"
-    elif device.type == "cuda" and half and varlen_available():
+    elif cuda and half and not varlen_gaps and varlen_available():
         chosen, why = "torch_varlen", "CUDA, flash-attn not installed"
-    elif softcap:
-        chosen, why = "eager", "the model softcaps attention logits and has no sdpa path"
-    elif device.type == "cuda" and not half:
-        why = "fp32: the flash kernels run in bf16/fp16 only"
+    elif cuda and (needs["softcap"] or needs["sinks"]) and not needs["dropout"]:
+        chosen, why = "flex_attention", f"the model needs {', '.join(varlen_gaps)}"
+    elif _supports_sdpa(model_config):
+        chosen = "sdpa"
+        why = "no CUDA" if not cuda else "fp32" if not half else f"the model needs {', '.join(varlen_gaps)}"
+    else:
+        chosen, why = "eager", "the model has no sdpa path"
     log.info("model.attention=auto -> %s (%s)", chosen, why)
     return chosen
 

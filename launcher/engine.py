@@ -44,7 +44,9 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
     accel = accelerator_name()
     import deepspeed
 
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+    # Only a task that srun started (a job step) is one of several ranks: a process run straight in an
+    # allocation's batch script also sees SLURM_PROCID and SLURM_NTASKS, and would wait for ranks that never come.
+    if "SLURM_STEP_NUM_TASKS" in os.environ and "RANK" not in os.environ:
         os.environ.update(slurm_env(os.environ))
     if "RANK" not in os.environ:
         # Single process: a one-rank group so the same code path (and DeepSpeed) works unchanged.
@@ -54,7 +56,12 @@ def init_distributed(timeout_minutes: int) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel == "cuda":
         # srun --gpus-per-task shows each task only its own GPU: local rank 3 then owns device 0.
-        index = local_rank % torch.cuda.device_count()
+        visible = torch.cuda.device_count()
+        if visible > 1 and local_rank >= visible:
+            raise ValueError(
+                f"local rank {local_rank} but only {visible} GPUs visible: start one rank per GPU"
+            )
+        index = 0 if visible == 1 else local_rank
         torch.cuda.set_device(index)
         device = torch.device("cuda", index)
     else:
@@ -79,12 +86,15 @@ def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
     step agrees on both without talking first (as Lightning does). Values already set are kept.
     """
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    step_id = env.get("SLURM_STEP_ID", "0")
+    step_id = step_id if step_id.isdigit() else "0"
     out = {
         "RANK": env["SLURM_PROCID"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
         "MASTER_ADDR": first_host(nodes),
-        "MASTER_PORT": str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 10000),
+        # Steps of one job can run at once: the port depends on the step too.
+        "MASTER_PORT": str(15000 + (int(env.get("SLURM_JOB_ID", "0")) * 31 + int(step_id)) % 20000),
     }
     tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
     if tasks_per_node:  # "4(x2),2": the first group's count is this node's when counts are equal
@@ -93,11 +103,14 @@ def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm hostlist: "gpu[07-09,12],cpu1" -> "gpu07"."""
-    head = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
-    assert head is not None
-    prefix, ranges = head.group(1), head.group(2)
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+    """The first host of a Slurm hostlist: "gpu[07-09,12],cpu1" -> "gpu07", "r[1-2]-n[01-04]" -> "r1-n01"."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first item ends at the first comma outside brackets
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
 
 
 def exit_now(code: int) -> None:

@@ -173,8 +173,8 @@ def train_step(
     eng: Any, my_rows: list[dict], micro: int, attention: str, device: torch.device, pad_id: int, world: int
 ) -> dict[str, float]:
     """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens."""
-    # The packer leaves every document's first label at -100, so counting labels counts next-token targets.
-    n_local = sum(len(r["labels"]) - list(r["labels"]).count(IGNORE_INDEX) for r in my_rows)
+    # Targets are the labels after each row's first position (the loss shifts labels within a row).
+    n_local = sum(len(r["labels"]) - 1 - list(r["labels"][1:]).count(IGNORE_INDEX) for r in my_rows)
     n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
     dist.all_reduce(n_global)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
@@ -187,7 +187,9 @@ def train_step(
         ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
         eng.step()
         loss_total += loss_sum.detach().double()
-    assert int(counted) == n_local, (int(counted), n_local)  # the normaliser counted what the loss summed
+    # The normaliser counted what the loss summed. Padding-free batches lay rows end to end, so this also holds
+    # the packer to its invariant: every row's first label is -100 (no row is a target of the row before it).
+    assert int(counted) == n_local, (int(counted), n_local)
     dist.all_reduce(loss_total)
     return {"loss": (loss_total / n_global.clamp(min=1)).item(), "trained_tokens": int(n_global.item())}
 

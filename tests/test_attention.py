@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -259,13 +261,21 @@ def test_torch_varlen_adapter_under_autocast(model_dirs, monkeypatch):
     hands the kernel one dtype."""
     import torch.nn.attention.varlen as varlen
 
-    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+    seen = set()
+
+    @functools.wraps(reference_varlen_attn)  # keeps its signature, which the adapter reads
+    def kernel(q, k, v, *args, **kwargs):
+        seen.update((q.dtype, k.dtype, v.dtype))
+        return reference_varlen_attn(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
     model = load_model(str(model_dirs["llama"]), attention="torch_varlen").eval()
     eager = load_model(str(model_dirs["llama"]), attention="eager").eval()
     rows = pack_examples(documents(), max_length=24)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         packed = model(**collate(rows, "torch_varlen")).logits[0].float()
         ref = per_document(eager, rows, "eager").float()
+    assert seen == {torch.bfloat16}, "the kernel runs in the autocast dtype only"
     assert rel_err(packed, ref) < 2e-2
 
 
@@ -286,13 +296,18 @@ def test_torch_varlen_refuses_what_the_kernel_cannot_apply(kwargs):
 def test_auto_backend_follows_the_model(model_dirs):
     from transformers import AutoConfig
 
-    from launcher.attention import resolve_backend
+    from launcher.attention import attention_needs, resolve_backend
 
     cpu = torch.device("cpu")
     gemma2 = AutoConfig.from_pretrained(model_dirs["gemma2"])
     llama = AutoConfig.from_pretrained(model_dirs["llama"])
     assert resolve_backend("auto", cpu, llama, torch.float32) == "sdpa"
     assert resolve_backend("auto", cpu, gemma2, torch.float32) == "eager"  # softcapping, no sdpa path
+    gpt_oss = AutoConfig.for_model("gpt_oss")
+    assert attention_needs(gpt_oss)["sinks"] and resolve_backend("auto", cpu, gpt_oss) == "eager"
+    dropout = AutoConfig.for_model("llama", attention_dropout=0.1)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        resolve_backend("flex_attention", cpu, dropout)
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_backend("torch_varlen", cpu, llama, torch.bfloat16)
     with pytest.raises(ValueError, match="choose one of"):

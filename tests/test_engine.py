@@ -69,6 +69,7 @@ def test_srun_tasks_find_each_other_from_slurm_variables():
 
     assert first_host("gpu[07-09,12],cpu1") == "gpu07"
     assert first_host("node3,node4") == "node3" and first_host("a-b[1]") == "a-b1"
+    assert first_host("rack[1-2]-node[01-04],x") == "rack1-node01"
     env = {
         "SLURM_PROCID": "5",
         "SLURM_LOCALID": "1",
@@ -77,13 +78,15 @@ def test_srun_tasks_find_each_other_from_slurm_variables():
         "SLURM_STEP_NODELIST": "gpu[07-08]",
         "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
         "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_ID": "0",
     }
     assert slurm_env(env) == {
         "RANK": "5",
         "LOCAL_RANK": "1",
         "WORLD_SIZE": "8",
         "MASTER_ADDR": "gpu07",
-        "MASTER_PORT": "18456",
+        "MASTER_PORT": str(15000 + 123456 * 31 % 20000),
         "LOCAL_WORLD_SIZE": "4",
     }
     assert slurm_env({**env, "MASTER_ADDR": "head", "MASTER_PORT": "29500"})["MASTER_ADDR"] == "head"
+    assert slurm_env({**env, "SLURM_STEP_ID": "1"})["MASTER_PORT"] != slurm_env(env)["MASTER_PORT"]
