@@ -180,7 +180,7 @@ def _varlen_forward(
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
         raise ValueError(
             "torch_varlen cannot apply attention logit softcapping, attention sinks or attention dropout: "
-            "use model.attention=flex_attention or eager for this model"
+            "use model.attention=auto or eager for this model"
         )
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:

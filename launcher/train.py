@@ -108,6 +108,12 @@ def build_optimizer(model: torch.nn.Module, t: Any) -> tuple[torch.optim.Optimiz
     return optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
+def count_targets(rows: list[dict]) -> int:
+    """Next-token targets in packed rows: the labels after each row's first position (the loss shifts labels
+    within a row)."""
+    return sum(len(r["labels"]) - 1 - list(r["labels"][1:]).count(IGNORE_INDEX) for r in rows)
+
+
 def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
     """Model FLOPs of one step's rows, the numerator of MFU (activation-checkpoint recompute is not counted).
 
@@ -116,7 +122,7 @@ def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
     the only positions where it runs (`target_token_loss`).
     """
     tokens = sum(len(r["input_ids"]) for r in rows)
-    targets = sum(len(r["labels"]) - list(r["labels"]).count(IGNORE_INDEX) for r in rows)
+    targets = count_targets(rows)
     head = model_cfg.vocab_size * model_cfg.hidden_size
     body = n_params - head * (1 if getattr(model_cfg, "tie_word_embeddings", False) else 2)
     sq = sum(n * n for r in rows for n in doc_lengths(r["position_ids"]))
@@ -173,8 +179,7 @@ def train_step(
     eng: Any, my_rows: list[dict], micro: int, attention: str, device: torch.device, pad_id: int, world: int
 ) -> dict[str, float]:
     """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens."""
-    # Targets are the labels after each row's first position (the loss shifts labels within a row).
-    n_local = sum(len(r["labels"]) - 1 - list(r["labels"][1:]).count(IGNORE_INDEX) for r in my_rows)
+    n_local = count_targets(my_rows)
     n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
     dist.all_reduce(n_global)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)

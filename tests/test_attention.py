@@ -289,7 +289,7 @@ def test_torch_varlen_refuses_what_the_kernel_cannot_apply(kwargs):
 
     x = torch.zeros(1, 4, 6, 8)
     cu = torch.tensor([0, 6], dtype=torch.int32)
-    with pytest.raises(ValueError, match="flex_attention or eager"):
+    with pytest.raises(ValueError, match="auto or eager"):
         _varlen_forward(None, x, x, x, None, cu_seq_lens_q=cu, max_length_q=6, **kwargs)
 
 
