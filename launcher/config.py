@@ -5,9 +5,10 @@ Compose a config the way the CLI does::
     from launcher.config import compose
     cfg = compose(["train.max_steps=10", "model=tiny"])
 
-Every YAML under ``conf/`` is merged onto these dataclasses, so an unknown key or a value of the wrong type
-fails at compose time with Hydra's own message (key and expected type). Checks that span several fields
-live in :func:`validate`, which reports every problem at once.
+Every YAML under ``launcher/conf/`` (shipped inside the package, so a wheel composes too) is merged onto these
+dataclasses, so an unknown key or a value of the wrong type fails at compose time with Hydra's own message (key
+and expected type). Checks that span several fields live in :func:`validate`, which reports every problem at
+once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-CONF_DIR = Path(os.environ.get("SFT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = Path(os.environ.get("SFT_CONF_DIR", Path(__file__).resolve().parent / "conf"))
 
 
 class DataFormat(str, Enum):

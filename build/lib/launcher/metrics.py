@@ -1,0 +1,86 @@
+"""Run logging on rank 0: `<run_dir>/metrics.jsonl`, wandb (the only wandb import), a progress bar.
+
+Other ranks get a logger whose methods do nothing, so the training loop never branches on rank to log.
+wandb mode `auto` is offline unless WANDB_API_KEY is set; offline runs land in `<run_dir>/wandb/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class NullLogger:
+    """What non-zero ranks get: every call is a no-op."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    def __init__(self, run_dir: Path, log_cfg: Any, config: dict[str, Any], total_steps: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a", encoding="utf-8")
+        self.wandb_run = None
+        mode = log_cfg.wandb_mode.value
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=log_cfg.project,
+                entity=log_cfg.entity,
+                name=log_cfg.run_name or run_dir.name,
+                dir=str(run_dir),
+                mode=mode,
+                config=config,
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+            )
+        self.bar = None
+        if log_cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=True)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def build_logger(
+    rank: int, run_dir: Path, log_cfg: Any, config: dict[str, Any], total_steps: int
+) -> NullLogger:
+    return RunLogger(run_dir, log_cfg, config, total_steps) if rank == 0 else NullLogger()

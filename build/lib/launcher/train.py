@@ -1,0 +1,344 @@
+"""Full-parameter SFT under DeepSpeed: `train(cfg)` is the whole run, top to bottom.
+
+    sft launch                                 # torchrun on every local GPU (or 2 CPU ranks)
+    torchrun --nproc_per_node 8 -m launcher.cli train model=... data=...
+    python -c "from launcher.config import compose; from launcher.train import train; train(compose())"
+
+Loss normalisation: every micro-batch's loss is the *sum* of its token losses divided by the number of
+target tokens in the whole optimizer step, all-reduced over ranks, so each token weighs the same whatever the
+packing, micro-batch size, accumulation or world size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from launcher import engine as ds_engine
+from launcher.attention import resolve_backend
+from launcher.checkpoint import export_hf
+from launcher.config import validate
+from launcher.data.loader import StepSampler, collate
+from launcher.data.packing import doc_lengths
+from launcher.data.pipeline import Prepared, cached_prepare, format_report
+from launcher.data.template import IGNORE_INDEX
+from launcher.evaluate import check_packing, eval_loss, exact_match, target_token_loss
+from launcher.metrics import build_logger
+from launcher.model import build_model, load_tokenizer, model_config
+
+log = logging.getLogger("launcher")
+
+
+def say(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def build_run_dir(cfg: DictConfig, rank: int) -> Path:
+    """Rank 0's run dir for everyone (`${now:...}` could differ by a second between ranks)."""
+    holder = [str(Path(cfg.run_dir).resolve())] if rank == 0 else [None]
+    dist.broadcast_object_list(holder, src=0)
+    run_dir = Path(holder[0])
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return run_dir
+
+
+def build_data(cfg: DictConfig, tok: Any, info: ds_engine.DistInfo) -> Prepared:
+    """Tokenize + mask + pack once per content hash: local rank 0 of each node builds, the others wait."""
+    # Preparing a large recipe can take far longer than a collective timeout: wait on a separate group.
+    slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
+    prepared = None
+    if info.local_rank == 0:
+        prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True)
+    dist.barrier(group=slow)
+    if prepared is None:
+        prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=False)
+    return prepared
+
+
+def resume(eng: Any, setting: str | None, run_dir: Path) -> int:
+    """Load the checkpoint named by train.resume and return the step to continue from (0: fresh start)."""
+    if not setting:
+        return 0
+    ckpt_dir = run_dir / "checkpoints" if setting == "auto" else Path(setting)
+    if not (ckpt_dir / "latest").exists():
+        if setting == "auto":
+            return 0
+        raise ValueError(f"train.resume={setting}: no DeepSpeed checkpoint there (no 'latest' file)")
+    return int(ds_engine.load_checkpoint(eng, ckpt_dir)["step"])
+
+
+def build_optimizer(model: torch.nn.Module, t: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no decay on biases and norms) and a factory for warmup + cosine/linear/constant decay.
+
+    The scheduler is a factory because DeepSpeed wraps the optimizer and rebuilds its param groups: the
+    schedule must be attached to DeepSpeed's optimizer, not ours.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(
+        groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=torch.cuda.is_available()
+    )
+
+    def lr_factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        if t.schedule.value == "constant":
+            return 1.0
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule.value == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def count_targets(rows: list[dict]) -> int:
+    """Next-token targets in packed rows: the labels after each row's first position (the loss shifts labels
+    within a row)."""
+    return sum(len(r["labels"]) - 1 - list(r["labels"][1:]).count(IGNORE_INDEX) for r in rows)
+
+
+def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
+    """Model FLOPs of one step's rows, the numerator of MFU (activation-checkpoint recompute is not counted).
+
+    6 x matmul parameters x tokens, plus causal attention on the real document lengths. The input embedding is a
+    lookup, not a matmul, so it is left out; the LM head is counted only at positions that have a target,
+    the only positions where it runs (`target_token_loss`).
+    """
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    targets = count_targets(rows)
+    head = model_cfg.vocab_size * model_cfg.hidden_size
+    body = n_params - head * (1 if getattr(model_cfg, "tie_word_embeddings", False) else 2)
+    sq = sum(n * n for r in rows for n in doc_lengths(r["position_ids"]))
+    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
+    width = model_cfg.num_attention_heads * head_dim
+    # QK^T and AV: 2 matmuls x 2 FLOPs x (n^2 / 2 causal) x width per layer; x3 for forward + backward.
+    attn = 3 * 2 * 2 * (sq / 2) * width * model_cfg.num_hidden_layers
+    return 6 * body * tokens + 6 * head * targets + attn
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated on CUDA; on CPU, this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), most specific name first: an H100 PCIe is not an SXM.
+PEAK_TFLOPS = (
+    (r"H100.*PCIe", 756),
+    (r"H100 NVL|H200 NVL", 835),
+    (r"H100|H200|GH200", 989),
+    (r"A100", 312),
+    (r"L40S", 362),
+    (r"L40\b", 181),
+    (r"\bA10\b", 125),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak for MFU; SFT_PEAK_TFLOPS overrides, and is needed for devices not listed."""
+    if os.environ.get("SFT_PEAK_TFLOPS"):
+        return float(os.environ["SFT_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    tflops = peak_tflops(name)
+    if tflops is None:
+        log.warning("no bf16 peak known for %r: MFU is not logged (set SFT_PEAK_TFLOPS)", name)
+        return None
+    return tflops * 1e12
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops
+    return None
+
+
+def train_step(
+    eng: Any, my_rows: list[dict], micro: int, attention: str, device: torch.device, pad_id: int, world: int
+) -> dict[str, float]:
+    """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens."""
+    n_local = count_targets(my_rows)
+    n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
+    dist.all_reduce(n_global)
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    counted = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(0, len(my_rows), micro):
+        b = collate(my_rows[i : i + micro], attention, pad_id, device=device)
+        loss_sum, n_targets = target_token_loss(eng, b)
+        counted += n_targets
+        # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum.
+        ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
+        eng.step()
+        loss_total += loss_sum.detach().double()
+    # The normaliser counted what the loss summed. Padding-free batches lay rows end to end, so this also holds
+    # the packer to its invariant: every row's first label is -100 (no row is a target of the row before it).
+    assert int(counted) == n_local, (int(counted), n_local)
+    dist.all_reduce(loss_total)
+    return {"loss": (loss_total / n_global.clamp(min=1)).item(), "trained_tokens": int(n_global.item())}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run SFT as configured; returns the final metrics (rank 0 also prints them)."""
+    info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
+    rank, world, device = info.rank, info.world_size, info.device
+    validate(cfg, world)
+    torch.manual_seed(cfg.train.seed)
+    t, start = cfg.train, time.time()
+    run_dir = build_run_dir(cfg, rank)
+    accum = t.global_batch_size // (t.micro_batch_size * world)
+    say(
+        rank,
+        f"world size {world} on {device.type}: global batch {t.global_batch_size} rows = "
+        f"{t.micro_batch_size} micro x {accum} accumulation x {world} ranks; run_dir {run_dir}",
+    )
+
+    # ---- data ----
+    tok = load_tokenizer(cfg.model)
+    data = build_data(cfg, tok, info)
+    if rank == 0:
+        (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
+        say(rank, format_report(data.report))
+    sampler = StepSampler(data.train_rows, world, rank, t.micro_batch_size * accum, cfg.data.seed)
+
+    # ---- model + engine ----
+    bf16 = cfg.model.dtype.value == "bf16" or (cfg.model.dtype.value == "auto" and ds_engine.bf16_supported())
+    if bf16 and device.type == "cpu":
+        raise ValueError("model.dtype=bf16 on CPU is not supported here: use model.dtype=auto or fp32")
+    attention = resolve_backend(
+        cfg.model.attention.value,
+        device,
+        model_config(cfg.model, len(tok)),
+        torch.bfloat16 if bf16 else torch.float32,
+    )
+    ds_config = ds_engine.build_ds_config(cfg.deepspeed, t, world, bf16)
+    model = build_model(
+        cfg.model,
+        len(tok),
+        attention,
+        torch.bfloat16 if bf16 else torch.float32,
+        ds_engine.zero_init_context(ds_config),
+    )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    say(
+        rank,
+        f"model: {n_params / 1e6:.2f}M params, attention={attention}, {'bf16' if bf16 else 'fp32'}, "
+        f"ZeRO stage {ds_config['zero_optimization']['stage']}",
+    )
+    optimizer, scheduler_factory = build_optimizer(model, t)
+    eng = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config)
+    scheduler = eng.lr_scheduler
+    logger = build_logger(
+        rank, run_dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), t.max_steps
+    )
+    pad_id = tok.pad_token_id
+    results: dict[str, Any] = {"run_dir": str(run_dir)}
+
+    start_step = resume(eng, t.resume, run_dir)
+    say(rank, f"resumed at step {start_step}" if start_step else "starting at step 0")
+    if t.check_packing:
+        results.update(
+            check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2)
+        )
+        say(rank, f"packing self-check: {results}")
+    if t.exact_match_eval and not start_step:
+        results["accuracy_before"] = exact_match(
+            eng.module, tok, data.eval_conversations[: t.exact_match_max_examples], t.max_new_tokens, device
+        )
+        say(rank, f"held-out exact match before training: {results['accuracy_before']:.3f}")
+
+    # ---- the loop ----
+    peak = peak_flops(device)
+    steps = sampler.steps_from(start_step)
+    step, first_loss, metrics = start_step, None, {}
+    while step < t.max_steps:
+        my_rows = [data.train_rows[i] for i in next(steps)]
+        t_step = time.time()
+        out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world)
+        step += 1
+        dt = time.time() - t_step
+        first_loss = out["loss"] if first_loss is None else first_loss
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            tokens = torch.tensor(
+                [sum(len(r["input_ids"]) for r in my_rows)], device=device, dtype=torch.float64
+            )
+            flops = torch.tensor(
+                [step_flops(model.config, n_params, my_rows)], device=device, dtype=torch.float64
+            )
+            dist.all_reduce(tokens)
+            dist.all_reduce(flops)
+            metrics = {
+                "loss": out["loss"],
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(eng.get_global_grad_norm() or 0.0),
+                "tokens_per_s": tokens.item() / dt,
+                "trained_tokens": out["trained_tokens"],
+                "epoch": step // sampler.steps_per_epoch,
+                "peak_mem_gb": peak_memory_gb(device),
+            }
+            if peak:
+                metrics["mfu"] = flops.item() / dt / (peak * world)
+            logger.log(metrics, step)
+            logger.progress(step, {"loss": f"{out['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"})
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and data.eval_rows:
+            logger.log(eval_loss(eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id), step)
+        if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+            ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
+
+    # ---- finish: eval, checkpoint, export ----
+    results.update(first_loss=first_loss, final_loss=metrics.get("loss"), steps=step, balance=sampler.balance)
+    if data.eval_rows:
+        results.update(eval_loss(eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id))
+        logger.log({k: results[k] for k in ("eval_loss", "eval_ppl")}, step)
+    if t.save_final_checkpoint:
+        ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
+    if t.export:
+        export_hf(eng, tok, run_dir / "export")
+    if t.exact_match_eval:
+        results["accuracy_after"] = exact_match(
+            eng.module, tok, data.eval_conversations[: t.exact_match_max_examples], t.max_new_tokens, device
+        )
+    results["wall_s"] = time.time() - start
+    logger.summary({k: v for k, v in results.items() if isinstance(v, (int, float))})
+    logger.close()
+    if rank == 0:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        say(
+            rank,
+            f"final: loss {first_loss:.4f} -> {results['final_loss']:.4f}"
+            + (f", eval_loss {results['eval_loss']:.4f}" if "eval_loss" in results else ""),
+        )
+        if t.exact_match_eval:
+            say(
+                rank,
+                # before is not measured when resuming
+                f"accuracy: before={results.get('accuracy_before', float('nan')):.3f} "
+                f"after={results['accuracy_after']:.3f}",
+            )
+        say(rank, f"run_dir: {run_dir}")
+    dist.barrier()
+    return results
