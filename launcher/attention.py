@@ -56,7 +56,15 @@ def _supports_sdpa(model_config: Any) -> bool:
 def resolve_backend(
     name: str, device: torch.device, model_config: Any = None, dtype: torch.dtype | None = None
 ) -> str:
-    """Turn `auto` into a concrete backend, and refuse a named one that cannot run this model here.
+    """The backend `choose_backend` picks (without its reason)."""
+    return choose_backend(name, device, model_config, dtype)[0]
+
+
+def choose_backend(
+    name: str, device: torch.device, model_config: Any = None, dtype: torch.dtype | None = None
+) -> tuple[str, str]:
+    """(backend, why): `auto` turned into a concrete backend, and a named one refused if it cannot run this
+    model here.
 
     `auto`: flash-attn if importable, else PyTorch's varlen kernel on CUDA, else sdpa, always within what the
     model needs: the flash kernels run in bf16/fp16 only; PyTorch's applies no logit softcapping (Gemma2),
@@ -87,7 +95,7 @@ def resolve_backend(
             )
         if name in VARLEN_BACKENDS and not half:
             raise ValueError(f"model.attention={name} runs in bf16/fp16 only: set model.dtype=bf16")
-        return name
+        return name, "as configured"
     if cuda and half and not needs["sinks"] and _flash_attn_importable("flash_attention_2"):
         chosen, why = "flash_attention_2", "flash-attn is importable"
     elif cuda and half and not varlen_gaps and varlen_available():
@@ -99,8 +107,7 @@ def resolve_backend(
         why = "no CUDA" if not cuda else "fp32" if not half else f"the model needs {', '.join(varlen_gaps)}"
     else:
         chosen, why = "eager", "the model has no sdpa path"
-    log.info("model.attention=auto -> %s (%s)", chosen, why)
-    return chosen
+    return chosen, f"auto: {why}"
 
 
 def _flash_attn_importable(name: str) -> bool:

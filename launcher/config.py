@@ -142,6 +142,9 @@ class SourceConfig:
     """Mixture weight: rows are repeated (integer part) and sampled (fractional part) by this factor."""
     tree_paths: TreePaths = TreePaths.best
     """OASST trees: follow the best-ranked reply (`best`) or train on every root-to-leaf path (`all`)."""
+    eval: bool = False
+    """Held-out source: its rows are evaluated on, never trained on (replacing the whole `data.sources` list
+    drops it too, so a preset's eval set never leaks into a run on other data)."""
 
 
 @dataclass
@@ -149,11 +152,12 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """Training sources, mixed by their weights."""
     eval_sources: list[SourceConfig] = field(default_factory=list)
-    """Held-out sources; if empty, `eval_fraction` / `eval_size` of the training rows are held out."""
+    """Held-out sources (like a source with `eval: true`); with none, `eval_fraction` / `eval_size` of the
+    training rows are held out."""
     eval_fraction: float = 0.0
-    """Fraction of training rows held out for eval when no eval_sources are given."""
+    """Fraction of training rows held out for eval; an error when eval sources are given (it would be ignored)."""
     eval_size: int | None = None
-    """Number of training rows held out for eval (overrides eval_fraction)."""
+    """Number of training rows held out for eval (instead of eval_fraction); an error with eval sources."""
     max_length: int = 2048
     """Tokens per packed row."""
     pack: bool = True
@@ -206,9 +210,18 @@ class TrainConfig:
     """Export a Hugging Face model to <run_dir>/export at the end."""
     save_final_checkpoint: bool = True
     """Save a sharded checkpoint after the last step."""
+    keep_last: int = 0
+    """Keep only the N newest complete checkpoints (0: keep all); the newest complete one is never deleted."""
     resume: str | None = None
-    """Resume from a DeepSpeed checkpoint dir (`auto`: <run_dir>/checkpoints if it has one); weights, optimizer,
-    schedule and data position are restored, so the run continues exactly."""
+    """Resume from a checkpoint (`auto`: the newest complete one under <run_dir>/checkpoints, if any; or a
+    checkpoints dir, or one step<N> dir); weights, optimizer, schedule, data position and every rank's RNG state
+    are restored, so the run continues exactly. `auto` needs an explicit run_dir."""
+    allow_config_change: bool = False
+    """Resume even though the config differs from the checkpoint's in keys that decide the run (data, model,
+    batch, optimizer, schedule); without it such a resume is refused, naming the keys."""
+    verify_export: bool = True
+    """After exporting, reload the export on rank 0's CPU and compare its logits with the engine's on a
+    held-out row (needs the model's size in CPU memory); the run fails if they differ."""
     check_packing: bool = True
     """Before training, compare packed vs per-document logits on a real batch."""
     exact_match_eval: bool = False
@@ -311,8 +324,33 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         problems.append(f"data.max_length={d.max_length} must be positive")
     if not 0 <= d.eval_fraction < 1:
         problems.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
-    if not d.sources:
-        problems.append("data.sources is empty: give at least one source (e.g. data=demo)")
+    if not [s for s in d.sources if not s.eval]:
+        problems.append("data.sources has no training source (all are empty or eval: true): e.g. data=demo")
+    has_eval_sources = bool(d.eval_sources) or any(s.eval for s in d.sources)
+    if has_eval_sources and (d.eval_fraction or d.eval_size):
+        setting = f"data.eval_size={d.eval_size}" if d.eval_size else f"data.eval_fraction={d.eval_fraction}"
+        problems.append(
+            f"{setting} would be ignored: eval sources are given (data.eval_sources, or a source with eval: "
+            "true); drop one of them"
+        )
+    if not (has_eval_sources or d.eval_fraction or d.eval_size):
+        if t.eval_every:
+            problems.append(
+                f"train.eval_every={t.eval_every} but there is no eval data: set data.eval_fraction or "
+                "data.eval_size, add eval sources, or set train.eval_every=0"
+            )
+        if t.exact_match_eval:
+            problems.append(
+                "train.exact_match_eval=true but there is no eval data: set data.eval_fraction or "
+                "data.eval_size, add eval sources, or set train.exact_match_eval=false"
+            )
+    if t.keep_last < 0:
+        problems.append(f"train.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    if t.resume == "auto" and "${now:" in str(cfg._get_node("run_dir")._value()):
+        problems.append(
+            "train.resume=auto needs the run's own run_dir (the default is a new timestamped dir, with nothing "
+            "to resume): add run_dir=<the run dir to continue>"
+        )
     for i, s in enumerate(list(d.sources) + list(d.eval_sources)):
         where = f"data source #{i} ({s.path})"
         if s.weight <= 0:

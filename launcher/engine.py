@@ -6,6 +6,7 @@ user's own JSON (`deepspeed.config_file`) is merged on top of it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -202,14 +203,26 @@ def zero_init_context(ds_config: dict) -> Callable[[], Any]:
     wraps construction in zero.Init itself and gathers partitions to initialise and load weights. A bare
     zero.Init around from_pretrained would leave partitioned weights unloaded and uninitialised.
     """
-    import contextlib
-
     global _HF_DS_CONFIG
     if ds_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
     return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def local_construction():
+    """Build a model whole in this process (e.g. to reload the export on rank 0), not partitioned by ZeRO-3:
+    transformers would otherwise wrap its construction in zero.Init, a collective the other ranks never join."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if _HF_DS_CONFIG is not None:
+            set_hf_deepspeed_config(_HF_DS_CONFIG)
 
 
 def initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any, ds_config: dict) -> Any:
@@ -227,31 +240,20 @@ def backward(engine: Any, loss: torch.Tensor) -> None:
     engine.backward(loss, scale_wrt_gas=False)
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, client_state: dict) -> None:
-    """Save every rank's shards, then point `latest` at them once all are on disk.
-
-    DeepSpeed itself writes `latest` on rank 0 before its closing barrier, so a job killed in that window would
-    resume from a checkpoint whose other shards are half written; here `latest` moves only after a barrier,
-    and atomically (a temporary file renamed over it).
-    """
-    tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        tmp = ckpt_dir / f"latest.tmp{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
-    dist.barrier()
+def save_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> None:
+    """Every rank's shards under `ckpt_dir/tag` (collective). DeepSpeed's own `latest` is not written here: it
+    writes it on rank 0 before its closing barrier, so a job killed in that window would point at half-written
+    shards (`launcher.checkpoint` writes it after its manifest)."""
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:
-    """Restore weights, optimizer and LR schedule from the `latest` tag; returns our client state."""
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
+def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> None:
+    """Restore weights, optimizer and LR schedule from `ckpt_dir/tag`."""
+    path, _ = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
-        raise ValueError(f"could not load a DeepSpeed checkpoint from {ckpt_dir}")
-    return client_state or {}
+        raise ValueError(f"could not load a DeepSpeed checkpoint from {ckpt_dir / tag}")
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:

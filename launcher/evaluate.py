@@ -1,4 +1,4 @@
-"""Held-out evaluation, the packing self-check, and exact-match generation.
+"""Held-out evaluation, the packing self-check, exact-match generation (the training loss is in `loss.py`).
 
 Under ZeRO-3 every forward gathers parameters collectively, so each function here runs the *same number*
 of forward passes on every rank (ranks short of work repeat a row and discard its result).
@@ -13,45 +13,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from launcher.data.loader import collate
 from launcher.data.packing import doc_lengths
-from launcher.data.template import IGNORE_INDEX
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """Everything but labels: the loss is ours, summed over tokens (see token_loss)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropies, number of target tokens); labels are unshifted (HF style)."""
-    # Shift the labels, not the logits: slicing [B, T, V] logits would copy them (and their gradient) whole.
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        targets,
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, (targets != IGNORE_INDEX).sum()
-
-
-def target_token_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `token_loss`, but the LM head runs only at positions that predict a target.
-
-    Assistant-only SFT trains a fraction of the tokens, and for large vocabularies the [T, V] logits (and their
-    gradient) dominate activation memory: `logits_to_keep` slices the hidden states before the projection.
-    """
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
-    keep = (targets != IGNORE_INDEX).any(0).nonzero().flatten()  # positions with a target in any row
-    logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # [B, K, V]
-    kept = targets[:, keep].reshape(-1)
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), kept, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss_sum, (kept != IGNORE_INDEX).sum()
+from launcher.loss import model_inputs, target_token_loss
 
 
 def _shard(items: Sequence[Any], rank: int, world: int, per_batch: int) -> list[list[Any] | None]:

@@ -1,13 +1,15 @@
 """Run logging on rank 0: `<run_dir>/metrics.jsonl`, wandb (the only wandb import), a progress bar.
 
 Other ranks get a logger whose methods do nothing, so the training loop never branches on rank to log.
-wandb mode `auto` is offline unless WANDB_API_KEY is set; offline runs land in `<run_dir>/wandb/`.
+wandb mode `auto` is offline unless WANDB_API_KEY is set; offline runs land in `<run_dir>/wandb/`. The wandb run id
+is kept in `<run_dir>/wandb_id`, so a resumed job logs to the same wandb run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,10 @@ class RunLogger(NullLogger):
         if mode != "disabled":
             import wandb
 
+            # One wandb run per run dir: a resumed or requeued job continues the run it started.
+            id_file = run_dir / "wandb_id"
+            if not id_file.exists():
+                id_file.write_text(secrets.token_hex(4))
             self.wandb_run = wandb.init(
                 project=log_cfg.project,
                 entity=log_cfg.entity,
@@ -47,6 +53,8 @@ class RunLogger(NullLogger):
                 dir=str(run_dir),
                 mode=mode,
                 config=config,
+                id=id_file.read_text().strip(),
+                resume="allow",
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
             )
         self.bar = None

@@ -63,6 +63,17 @@ def load_model(
     return _prepare(model, attention)
 
 
+def param_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """A parameter's real shape: under ZeRO-3 the local tensor is an empty partition (shape (0,)) and the real
+    shape is `ds_shape`."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def embedding_rows(model: torch.nn.Module) -> int:
+    """Rows of the input embedding (the model's real vocabulary size, whatever the tokenizer says)."""
+    return param_shape(model.get_input_embeddings().weight)[0]
+
+
 def model_config(model_cfg: Any, vocab_size: int) -> Any:
     """The transformers config of the configured model, without its weights (to choose an attention backend)."""
     from transformers import AutoConfig
@@ -88,9 +99,16 @@ def build_model(
         model = load_model(
             model_cfg.name_or_path, attention, dtype, model_cfg.trust_remote_code, init_context
         )
-        if model.get_input_embeddings().weight.shape[0] < vocab_size:
-            # Special tokens were added (ChatML fallback): grow the embeddings to cover them.
+        rows = embedding_rows(model)
+        model.load_notes = []
+        if rows < vocab_size:
+            # Special tokens were added (ChatML fallback): grow the embeddings to cover them. A model with more
+            # rows than the tokenizer has entries (padded vocabularies, Qwen2.5's 151936) keeps every row.
             model.resize_token_embeddings(vocab_size)
+            model.load_notes.append(
+                f"embeddings resized from {rows} to {embedding_rows(model)} rows to cover the tokenizer's "
+                f"{vocab_size} entries (the new rows start untrained)"
+            )
         return model
     if attention == "torch_varlen":
         register_varlen()
@@ -110,7 +128,7 @@ def load_tokenizer(model_cfg: Any) -> Any:
         raise ValueError(
             f"tokenizer {source!r} is not a fast tokenizer: assistant masks need offset mappings"
         )
-    ensure_chat_template(tok, model_cfg.chat_template)
+    tok.chatml_fallback = ensure_chat_template(tok, model_cfg.chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -18,24 +18,27 @@ import math
 import os
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from launcher import checkpoint
 from launcher import engine as ds_engine
-from launcher.attention import resolve_backend
-from launcher.checkpoint import export_hf
+from launcher.attention import choose_backend
 from launcher.config import validate
 from launcher.data.loader import StepSampler, collate
 from launcher.data.packing import doc_lengths
 from launcher.data.pipeline import Prepared, cached_prepare, format_report
-from launcher.data.template import IGNORE_INDEX
-from launcher.evaluate import check_packing, eval_loss, exact_match, target_token_loss
+from launcher.evaluate import check_packing, eval_loss, exact_match
+from launcher.export import export_hf, verify_export
+from launcher.loss import count_targets, target_token_loss
 from launcher.metrics import build_logger
-from launcher.model import build_model, load_tokenizer, model_config
+from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 
 log = logging.getLogger("launcher")
 
@@ -46,13 +49,20 @@ def say(rank: int, msg: str) -> None:
 
 
 def build_run_dir(cfg: DictConfig, rank: int) -> Path:
-    """Rank 0's run dir for everyone (`${now:...}` could differ by a second between ranks)."""
+    """Rank 0's run dir for everyone (`${now:...}` could differ by a second between ranks).
+
+    `config.yaml` is the run's first launch; every launch (resumes too) also lands in `launches/<k>.yaml`.
+    """
     holder = [str(Path(cfg.run_dir).resolve())] if rank == 0 else [None]
     dist.broadcast_object_list(holder, src=0)
     run_dir = Path(holder[0])
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        launches = run_dir / "launches"
+        launches.mkdir(parents=True, exist_ok=True)
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        (launches / f"{len(list(launches.glob('*.yaml'))) + 1}.yaml").write_text(text)
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(text)
     return run_dir
 
 
@@ -69,18 +79,6 @@ def build_data(cfg: DictConfig, tok: Any, info: ds_engine.DistInfo) -> Prepared:
     return prepared
 
 
-def resume(eng: Any, setting: str | None, run_dir: Path) -> int:
-    """Load the checkpoint named by train.resume and return the step to continue from (0: fresh start)."""
-    if not setting:
-        return 0
-    ckpt_dir = run_dir / "checkpoints" if setting == "auto" else Path(setting)
-    if not (ckpt_dir / "latest").exists():
-        if setting == "auto":
-            return 0
-        raise ValueError(f"train.resume={setting}: no DeepSpeed checkpoint there (no 'latest' file)")
-    return int(ds_engine.load_checkpoint(eng, ckpt_dir)["step"])
-
-
 def build_optimizer(model: torch.nn.Module, t: Any) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (no decay on biases and norms) and a factory for warmup + cosine/linear/constant decay.
 
@@ -89,29 +87,26 @@ def build_optimizer(model: torch.nn.Module, t: Any) -> tuple[torch.optim.Optimiz
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
+        if p.requires_grad:  # under ZeRO-3 p.ndim is 1 for every parameter: ask for the real shape
+            flat = len(param_shape(p)) < 2
+            (no_decay if flat or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(
         groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=torch.cuda.is_available()
     )
 
-    def lr_factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        if t.schedule.value == "constant":
-            return 1.0
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule.value == "cosine" else 1 - progress
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
-
-    return optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    return optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t))
 
 
-def count_targets(rows: list[dict]) -> int:
-    """Next-token targets in packed rows: the labels after each row's first position (the loss shifts labels
-    within a row)."""
-    return sum(len(r["labels"]) - 1 - list(r["labels"][1:]).count(IGNORE_INDEX) for r in rows)
+def lr_factor(step: int, t: Any) -> float:
+    """The lr of optimizer step `step` (0-based) as a fraction of `t.lr`: warmup, then cosine/linear/constant."""
+    if step < t.warmup_steps:
+        return (step + 1) / (t.warmup_steps + 1)
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    if t.schedule.value == "constant":
+        return 1.0
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule.value == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
 
 def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
@@ -180,8 +175,11 @@ def train_step(
 ) -> dict[str, float]:
     """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens."""
     n_local = count_targets(my_rows)
-    n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
-    dist.all_reduce(n_global)
+    counts = torch.tensor(
+        [n_local, sum(len(r["input_ids"]) for r in my_rows)], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(counts)
+    n_global = counts[:1]
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     counted = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(my_rows), micro):
@@ -196,7 +194,11 @@ def train_step(
     # the packer to its invariant: every row's first label is -100 (no row is a target of the row before it).
     assert int(counted) == n_local, (int(counted), n_local)
     dist.all_reduce(loss_total)
-    return {"loss": (loss_total / n_global.clamp(min=1)).item(), "trained_tokens": int(n_global.item())}
+    return {
+        "loss": (loss_total / n_global.clamp(min=1)).item(),
+        "trained_tokens": int(counts[0].item()),
+        "tokens": int(counts[1].item()),
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -216,55 +218,64 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- data ----
     tok = load_tokenizer(cfg.model)
+    if tok.chatml_fallback:
+        say(
+            rank,
+            "tokenizer: no chat template, using ChatML (<|im_start|>/<|im_end|> added as special tokens)",
+        )
     data = build_data(cfg, tok, info)
     if rank == 0:
         (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
         say(rank, format_report(data.report))
     sampler = StepSampler(data.train_rows, world, rank, t.micro_batch_size * accum, cfg.data.seed)
+    sampler_info = {"rows": len(data.train_rows), "steps_per_epoch": sampler.steps_per_epoch}
 
     # ---- model + engine ----
     bf16 = cfg.model.dtype.value == "bf16" or (cfg.model.dtype.value == "auto" and ds_engine.bf16_supported())
     if bf16 and device.type == "cpu":
         raise ValueError("model.dtype=bf16 on CPU is not supported here: use model.dtype=auto or fp32")
-    attention = resolve_backend(
-        cfg.model.attention.value,
-        device,
-        model_config(cfg.model, len(tok)),
-        torch.bfloat16 if bf16 else torch.float32,
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    attention, why = choose_backend(
+        cfg.model.attention.value, device, model_config(cfg.model, len(tok)), dtype
     )
     ds_config = ds_engine.build_ds_config(cfg.deepspeed, t, world, bf16)
-    model = build_model(
-        cfg.model,
-        len(tok),
-        attention,
-        torch.bfloat16 if bf16 else torch.float32,
-        ds_engine.zero_init_context(ds_config),
-    )
+    model = build_model(cfg.model, len(tok), attention, dtype, ds_engine.zero_init_context(ds_config))
+    for note in getattr(model, "load_notes", []):
+        say(rank, f"model: {note}")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n_params = sum(int(np.prod(param_shape(p))) for p in model.parameters())
     say(
         rank,
-        f"model: {n_params / 1e6:.2f}M params, attention={attention}, {'bf16' if bf16 else 'fp32'}, "
+        f"model: {n_params / 1e6:.2f}M params, vocabulary {embedding_rows(model)} rows (tokenizer {len(tok)}), "
+        f"{'bf16' if bf16 else 'fp32'}, attention={attention} ({why}), "
         f"ZeRO stage {ds_config['zero_optimization']['stage']}",
     )
     optimizer, scheduler_factory = build_optimizer(model, t)
     eng = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config)
     scheduler = eng.lr_scheduler
+    state = checkpoint.resume(eng, cfg, run_dir, sampler_info, lambda msg: say(rank, msg))
     logger = build_logger(
         rank, run_dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), t.max_steps
     )
     pad_id = tok.pad_token_id
     results: dict[str, Any] = {"run_dir": str(run_dir)}
+    evaluate = partial(eval_loss, eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id)
 
-    start_step = resume(eng, t.resume, run_dir)
-    say(rank, f"resumed at step {start_step}" if start_step else "starting at step 0")
+    if state.step:
+        say(rank, f"resumed at step {state.step} ({state.tokens_seen} tokens seen)")
+        logger.log({"resumed_at": state.step}, state.step)
+    else:
+        say(rank, "starting at step 0")
     if t.check_packing:
-        results.update(
-            check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2)
-        )
-        say(rank, f"packing self-check: {results}")
-    if t.exact_match_eval and not start_step:
+        check = check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2)
+        results.update(check)
+        say(rank, f"packing self-check: {check}")
+    if data.eval_rows and not state.step:
+        results.update({f"{k}_before": v for k, v in evaluate().items()})
+        logger.log({"eval_loss": results["eval_loss_before"], "eval_ppl": results["eval_ppl_before"]}, 0)
+        say(rank, f"step 0: eval_loss {results['eval_loss_before']:.4f}")
+    if t.exact_match_eval and not state.step:
         results["accuracy_before"] = exact_match(
             eng.module, tok, data.eval_conversations[: t.exact_match_max_examples], t.max_new_tokens, device
         )
@@ -272,31 +283,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- the loop ----
     peak = peak_flops(device)
-    steps = sampler.steps_from(start_step)
-    step, first_loss, metrics = start_step, None, {}
-    while step < t.max_steps:
+    steps = sampler.steps_from(state.step)
+    start_step, metrics = state.step, {}
+    save = partial(checkpoint.save, eng, run_dir / "checkpoints", cfg=cfg, sampler_info=sampler_info)
+    while state.step < t.max_steps:
         my_rows = [data.train_rows[i] for i in next(steps)]
         t_step = time.time()
         out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world)
-        step += 1
-        dt = time.time() - t_step
-        first_loss = out["loss"] if first_loss is None else first_loss
+        state.advance(out)
+        step, dt = state.step, time.time() - t_step
 
         if step % t.log_every == 0 or step == t.max_steps:
-            tokens = torch.tensor(
-                [sum(len(r["input_ids"]) for r in my_rows)], device=device, dtype=torch.float64
-            )
             flops = torch.tensor(
                 [step_flops(model.config, n_params, my_rows)], device=device, dtype=torch.float64
             )
-            dist.all_reduce(tokens)
             dist.all_reduce(flops)
             metrics = {
                 "loss": out["loss"],
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(eng.get_global_grad_norm() or 0.0),
-                "tokens_per_s": tokens.item() / dt,
+                "tokens_per_s": out["tokens"] / dt,
                 "trained_tokens": out["trained_tokens"],
+                "tokens_seen": state.tokens_seen,
                 "epoch": step // sampler.steps_per_epoch,
                 "peak_mem_gb": peak_memory_gb(device),
             }
@@ -305,19 +313,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             logger.log(metrics, step)
             logger.progress(step, {"loss": f"{out['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"})
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and data.eval_rows:
-            logger.log(eval_loss(eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id), step)
+            ev = evaluate()
+            logger.log(ev, step)
+            say(rank, f"step {step}: eval_loss {ev['eval_loss']:.4f} (train loss {out['loss']:.4f})")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-            ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
+            save(state, say=lambda msg: say(rank, msg))
 
     # ---- finish: eval, checkpoint, export ----
-    results.update(first_loss=first_loss, final_loss=metrics.get("loss"), steps=step, balance=sampler.balance)
+    if start_step >= t.max_steps:
+        say(rank, f"the run had already finished (step {start_step} of {t.max_steps}): nothing to train")
+    results.update(first_loss=state.first_loss, final_loss=state.last_loss, steps=state.step)
+    results.update(tokens_seen=state.tokens_seen, balance=sampler.balance)
     if data.eval_rows:
-        results.update(eval_loss(eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id))
-        logger.log({k: results[k] for k in ("eval_loss", "eval_ppl")}, step)
-    if t.save_final_checkpoint:
-        ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
+        results.update(evaluate())
+        logger.log({k: results[k] for k in ("eval_loss", "eval_ppl")}, state.step)
+    if t.save_final_checkpoint and state.step > start_step:
+        save(state, say=lambda msg: say(rank, msg))
     if t.export:
         export_hf(eng, tok, run_dir / "export")
+        if t.verify_export:
+            row = (data.eval_rows or data.train_rows)[0]
+            results.update(verify_export(eng, run_dir / "export", row, attention, 3e-2 if bf16 else 1e-4))
+            say(rank, f"export check: {run_dir / 'export'} reloads with the engine's logits")
     if t.exact_match_eval:
         results["accuracy_after"] = exact_match(
             eng.module, tok, data.eval_conversations[: t.exact_match_max_examples], t.max_new_tokens, device
@@ -327,11 +344,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger.close()
     if rank == 0:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        say(
-            rank,
-            f"final: loss {first_loss:.4f} -> {results['final_loss']:.4f}"
-            + (f", eval_loss {results['eval_loss']:.4f}" if "eval_loss" in results else ""),
-        )
+        say(rank, summary_line(results))
         if t.exact_match_eval:
             say(
                 rank,
@@ -342,3 +355,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         say(rank, f"run_dir: {run_dir}")
     dist.barrier()
     return results
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    """`final: loss A -> B, eval_loss C -> D` with what was measured (a resumed run keeps its first loss)."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    line = f"final: loss {fmt(results['first_loss'])} -> {fmt(results['final_loss'])}"
+    if "eval_loss" in results:
+        before = f"{fmt(results['eval_loss_before'])} -> " if "eval_loss_before" in results else ""
+        line += f", eval_loss {before}{fmt(results['eval_loss'])}"
+    return line

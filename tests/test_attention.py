@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
-from launcher.evaluate import check_packing, packing_error, token_loss
+from launcher.evaluate import check_packing, packing_error
+from launcher.loss import token_loss
 from launcher.model import load_model
 
 SMALL = dict(
@@ -189,7 +190,7 @@ def test_packed_eval_loss_equals_unpacked(model_dirs):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_target_only_lm_head_gives_the_same_loss_and_gradients(model_dirs, attention):
-    from launcher.evaluate import target_token_loss
+    from launcher.loss import target_token_loss
 
     model = load_model(str(model_dirs["llama_tied"]), attention=attention)
     batch = collate(pack_examples(documents(3), max_length=24), attention)

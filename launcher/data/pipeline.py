@@ -235,15 +235,16 @@ def fingerprint(data_cfg: Any, tok: Any, template: str | None) -> str:
 
 def prepare_data(data_cfg: Any, tok: Any, template: str | None = None) -> Prepared:
     """Build train/eval packed rows and the data report from the recipe."""
+    eval_srcs = [s for s in data_cfg.sources if s.eval] + list(data_cfg.eval_sources)
     train_items, reports = [], []
-    for src in data_cfg.sources:
+    for src in (s for s in data_cfg.sources if not s.eval):
         items, report = load_source(src, data_cfg, tok, template)
         reports.append(report)
         train_items.append((src, items, report))
 
     eval_items: list[tuple] = []
     eval_reports = []
-    for src in data_cfg.eval_sources:
+    for src in eval_srcs:
         items, report = load_source(src, data_cfg, tok, template)
         report.kept = len(items)
         report.tokens = sum(len(e["input_ids"]) for _, e in items)
@@ -252,7 +253,7 @@ def prepare_data(data_cfg: Any, tok: Any, template: str | None = None) -> Prepar
         eval_reports.append(report)
     mixed: list[tuple] = []
     for src, items, report in train_items:
-        if not data_cfg.eval_sources and (data_cfg.eval_size or data_cfg.eval_fraction):  # split off eval
+        if not eval_srcs and (data_cfg.eval_size or data_cfg.eval_fraction):  # split off eval
             # Hold out from each source before weighting, so no eval row is repeated into training.
             rng = random.Random(f"{data_cfg.seed}:eval:{report.name}")
             items = items[:]

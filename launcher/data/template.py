@@ -29,7 +29,6 @@ import itertools
 import os
 import re
 import unicodedata
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -460,23 +459,18 @@ def encode_conversation(
 
 
 def ensure_chat_template(tokenizer: Any, override: str | None = None) -> bool:
-    """Give the tokenizer a chat template; returns True when ChatML special tokens had to be added.
+    """Give the tokenizer a chat template; returns True when it had none and ChatML was put in its place.
 
-    A base model's tokenizer has no template: we fall back to ChatML and add its markers as special tokens,
-    so the caller must resize the embeddings.
+    A base model's tokenizer has no template: we fall back to ChatML and add its markers as special tokens
+    (the model's embeddings then grow to cover them, if it has fewer rows; see `launcher.model.build_model`).
     """
     if override:
         tokenizer.chat_template = override
         return False
     if tokenizer.chat_template:
         return False
-    warnings.warn(
-        "tokenizer has no chat template: using ChatML and adding <|im_start|>/<|im_end|> as special tokens "
-        "(embeddings are resized; their rows start untrained)",
-        stacklevel=2,
-    )
     tokenizer.chat_template = CHATML_TEMPLATE
-    added = tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL_TOKENS})
+    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL_TOKENS})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
-    return added > 0
+    return True
