@@ -176,3 +176,30 @@ def test_content_dependent_template_falls_back_to_exact_spans(demo_tokenizer):
     ) == ["4<|im_end|>"]
     with pytest.raises(TemplateError, match="rewrites assistant message #1"):
         encode_conversation(demo_tokenizer, think, chat_template=strip_think)
+
+
+def test_a_trailing_eos_after_the_last_end_of_turn_is_not_trained(demo_tokenizer):
+    """The mask contract: assistant content plus the end-of-turn token that closes it, nothing after. A Phi-3
+    style template closes every turn with <|end|> and appends eos once at the very end."""
+    import copy
+
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>", "<|user|>", "<|assistant|>"]})
+    tok.eos_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else "</s>"
+    if tok.eos_token not in tok.get_vocab():
+        tok.add_special_tokens({"eos_token": "</s>"})
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+    )
+    conv = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    enc = encode_conversation(tok, conv, chat_template=template)
+    assert enc["input_ids"][-1] == tok.convert_tokens_to_ids(tok.eos_token)
+    assert enc["labels"][-1] == IGNORE_INDEX, "the trailing eos is trained"
+    spans = trained_spans(tok, enc)
+    assert [s.replace(" ", "") for s in spans] == ["Hello<|end|>", "4<|end|>"], spans

@@ -17,8 +17,9 @@ Most real templates have no `{% generation %}` tags, so assistant spans are foun
    those prefix relations. Then every message's content is located in order in the full rendering; an
    assistant content that the template altered cannot be located and raises instead of guessing.
 
-Trained characters are the assistant content plus the special token(s) that close the turn right after it
-(`<|im_end|>`, `</s>`, `<|eot_id|>`, ...), never role headers, separators, or injected text. Characters map
+Trained characters are the assistant content plus the one special token that closes the turn right after it
+(`<|im_end|>`, `</s>`, `<|eot_id|>`, ...), never role headers, separators, injected text, or an end-of-sequence
+token the template appends after the last turn's end-of-turn token. Characters map
 to tokens through the fast tokenizer's offsets (or, for byte-level BPE, the byte length of each token id); a
 token that overlaps trained text is trained.
 """
@@ -66,7 +67,9 @@ def _render(
 def _special_token_regex(closers: tuple[str, ...]) -> re.Pattern[str]:
     # Longest first so that a closer wins over a shorter closer that is its prefix.
     alternation = "|".join(re.escape(s) for s in sorted(closers, key=len, reverse=True))
-    return re.compile(rf"(?:\s*(?:{alternation}))+")
+    # One closer: the end-of-turn token. An end-of-sequence token a template appends after the last turn's
+    # end-of-turn token (`...<|end|></s>`) closes the sequence, not the answer, and is never trained.
+    return re.compile(rf"\s*(?:{alternation})")
 
 
 _CLOSER_NAME = re.compile(r"end|eot|eos|^</s>$", re.IGNORECASE)
@@ -88,7 +91,7 @@ def _closing_tokens(tokenizer: Any) -> tuple[str, ...]:
 
 
 def _closing_end(text: str, content_end: int, specials_re: re.Pattern[str]) -> int:
-    """End of the special token(s) that close the turn directly after its content (content_end if none)."""
+    """End of the special token that closes the turn directly after its content (content_end if none)."""
     m = specials_re.match(text, content_end)
     return m.end() if m else content_end
 
