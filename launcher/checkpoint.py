@@ -308,16 +308,35 @@ def resume(
             )
         )
     tag_dir = Path(tag_dir_s)
-    check_compatible(manifest, cfg, tag_dir, sampler_info)
+    check_compatible(manifest, cfg, tag_dir, sampler_info, dist.get_world_size())
     ds_engine.load_checkpoint(engine, tag_dir.parent, tag_dir.name)
     set_rng_state(torch.load(tag_dir / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
     fields = TrainState.__dataclass_fields__
     return TrainState(**{k: v for k, v in manifest.items() if k in fields})
 
 
-def check_compatible(manifest: dict, cfg: DictConfig, tag_dir: Path, sampler_info: dict[str, int]) -> None:
-    """Refuse a resume that cannot continue the same run, naming what differs."""
-    world = dist.get_world_size()
+def preflight(cfg: DictConfig, world: int) -> None:
+    """Before any rank starts: refuse a resume the ranks would refuse (an explicit checkpoint that is not
+    there or not complete, ranks or config that differ from the checkpoint's)."""
+    setting = cfg.train.resume
+    if not setting:
+        return
+    root = Path(cfg.run_dir) / "checkpoints" if setting == "auto" else Path(setting).expanduser()
+    tag_dir, skipped = newest_complete(root)
+    if tag_dir is None:
+        if setting != "auto":
+            why = (
+                f"; {skipped[0][0]}: {skipped[0][1]}" if skipped else " (no step<N> dir with a manifest.json)"
+            )
+            raise ValueError(f"train.resume={setting}: no complete checkpoint there{why}")
+        return
+    check_compatible(json.loads((tag_dir / MANIFEST).read_text()), cfg, tag_dir, None, world)
+
+
+def check_compatible(
+    manifest: dict, cfg: DictConfig, tag_dir: Path, sampler_info: dict[str, int] | None, world: int
+) -> None:
+    """Refuse a resume that cannot continue the same run, naming what differs (the sampler when given)."""
     if manifest["world_size"] != world:
         raise ValueError(
             f"checkpoint {tag_dir} was saved by {manifest['world_size']} ranks and this run has {world}: ZeRO "
@@ -337,7 +356,7 @@ def check_compatible(manifest: dict, cfg: DictConfig, tag_dir: Path, sampler_inf
             f"train.resume: the config differs from checkpoint {tag_dir}'s in {shown}{more}; resuming would not "
             "continue the same run: start a new run_dir, or set train.allow_config_change=true to resume anyway"
         )
-    if manifest["sampler"] != sampler_info:
+    if sampler_info is not None and manifest["sampler"] != sampler_info:
         raise ValueError(
             f"train.resume: the prepared data differs from checkpoint {tag_dir}'s ({manifest['sampler']} then, "
             f"{sampler_info} now; did the data files change?): start a new run_dir, or set "

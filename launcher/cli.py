@@ -46,6 +46,9 @@ def cmd_launch(args: list[str]) -> int:
     if nproc is None:
         nproc = torch.cuda.device_count() or 2
     validate(cfg, nproc)
+    from launcher.checkpoint import preflight
+
+    preflight(cfg, nproc)  # a resume the ranks would refuse is refused here, before they start
     if not any(a.startswith("run_dir=") for a in args):
         # One run dir for all ranks, fixed before they start.
         args = [*args, f"run_dir={Path(cfg.run_dir).resolve()}"]

@@ -20,6 +20,8 @@ OVERRIDES = [
     "train.lr=3e-3",
     "train.log_every=1",
     "train.save_every=6",
+    "train.eval_every=6",
+    "train.keep_last=1",
     "train.exact_match_eval=false",
     "logging.wandb_mode=offline",
     "logging.progress=false",
@@ -69,21 +71,36 @@ def test_run_dir_layout_and_loss_falls(run):
     for name in ("metrics.jsonl", "config.yaml", "data_report.json", "results.json", "export", "wandb"):
         assert (run_dir / name).exists(), name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    train_rows = [r for r in rows if "loss" in r]
+    losses = [r["loss"] for r in train_rows]
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
-    for key in ("lr", "grad_norm", "tokens_per_s", "trained_tokens", "peak_mem_gb"):
-        assert key in rows[0], key
-    assert 0.05 < [r for r in rows if "loss" in r][-1]["peak_mem_gb"] < 24, "CPU runs report the peak RSS"
-    assert any("eval_loss" in r for r in rows)
+    for key in ("lr", "grad_norm", "tokens_per_s", "trained_tokens", "tokens_seen", "peak_mem_gb"):
+        assert key in train_rows[0], key
+    assert 0.05 < train_rows[-1]["peak_mem_gb"] < 24, "CPU runs report the peak RSS"
+    # Eval before training (step 0), mid-run on the console too, and at the end.
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [0, 6, 12] and evals[12] < evals[0], evals
+    assert f"step 0: eval_loss {evals[0]:.4f}" in stdout and f"step 6: eval_loss {evals[6]:.4f}" in stdout
+    assert f"eval_loss {evals[0]:.4f} -> {evals[12]:.4f}" in stdout
+    # What the run chose is said on the console.
+    assert "fp32, attention=sdpa (auto: no CUDA)" in stdout and "export check:" in stdout
 
 
 @pytest.mark.slow
-def test_checkpoints_are_sharded_per_rank(run):
-    run_dir, _ = run
-    for tag in ("step6", "step12"):
-        files = sorted(p.name for p in (run_dir / "checkpoints" / tag).iterdir())
-        assert sum("model_states" in f for f in files) == 2, files  # one shard per rank
-        assert sum("optim_states" in f for f in files) == 2, files
+def test_checkpoints_are_sharded_per_rank_with_a_manifest_and_rotated(run):
+    run_dir, stdout = run
+    files = sorted(p.name for p in (run_dir / "checkpoints" / "step12").iterdir())
+    assert sum("model_states" in f for f in files) == 2, files  # one shard per rank
+    assert sum("optim_states" in f for f in files) == 2, files
+    assert sum(f.startswith("rng_rank") for f in files) == 2, files
+    manifest = json.loads((run_dir / "checkpoints" / "step12" / "manifest.json").read_text())
+    assert manifest["step"] == 12 and manifest["world_size"] == 2
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert manifest["tokens_seen"] == [r for r in rows if "loss" in r][-1]["tokens_seen"]
+    assert manifest["first_loss"] == [r for r in rows if "loss" in r][0]["loss"]
+    # train.keep_last=1: step6 was removed once step12 was complete.
+    assert not (run_dir / "checkpoints" / "step6").exists() and "removed old checkpoint step6" in stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step12"
 
 

@@ -40,15 +40,20 @@ def train_rows(run_dir) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """An uninterrupted 8-step run: (its per-step metrics, the shared cache dir)."""
+def straight_run(tmp_path_factory):
+    """An uninterrupted 8-step run: (its per-step metrics, the shared cache dir, its run dir)."""
     tmp = tmp_path_factory.mktemp("straight")
     launch(tmp / "run", tmp / "cache", "train.max_steps=8")
-    return train_rows(tmp / "run"), tmp / "cache"
+    return train_rows(tmp / "run"), tmp / "cache", tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    return straight_run[:2]
 
 
 def assert_same_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
-    assert sorted(got) == list(range(1, 9))
+    assert sorted(got) == list(range(1, 9)), sorted(got)
     for step in range(1, 9):
         for key in ("loss", "lr", "grad_norm", "trained_tokens"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
@@ -103,6 +108,95 @@ def test_a_killed_job_resumes_exactly_from_its_last_checkpoint(tmp_path, straigh
     assert_same_steps({k: v for k, v in train_rows(run_dir).items() if k <= 8}, want)
 
 
+@pytest.mark.slow
+@pytest.mark.resume
+def test_resuming_a_finished_run_exits_0_with_its_results_and_first_loss(tmp_path, straight_run):
+    """What a requeued or resubmitted job sees once the run is done: nothing to train, exit 0, results.json
+    with the run's real first and last loss, and this launch's config kept beside the first one's."""
+    want, cache, run_dir = straight_run
+    config_before = (run_dir / "config.yaml").read_text()
+    (run_dir / "results.json").unlink()
+    out = launch(run_dir, cache, "train.max_steps=8", "train.resume=auto")
+    assert "resumed at step 8" in out and "already finished (step 8 of 8)" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["first_loss"] == pytest.approx(want[1]["loss"], rel=1e-12)
+    assert results["final_loss"] == pytest.approx(want[8]["loss"], rel=1e-12) and results["steps"] == 8
+    assert f"final: loss {want[1]['loss']:.4f} -> {want[8]['loss']:.4f}" in out
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert sorted(p.name for p in (run_dir / "launches").iterdir()) == ["1.yaml", "2.yaml"]
+    assert "resume: auto" in (run_dir / "launches" / "2.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.resume
+@pytest.mark.badinput
+def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, straight_run):
+    _, cache, run_dir = straight_run
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=8"]
+    cmd += ["train.resume=auto", "data.max_length=128", "train.lr=1e-3"]
+    cmd += [f"run_dir={run_dir}", f"cache_dir={cache}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "data.max_length (256 -> 128)" in proc.stderr and "train.lr (0.003 -> 0.001)" in proc.stderr
+    assert "train.allow_config_change=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert "launching:" not in proc.stdout, "refused before any rank started"
+    # Asked for explicitly, the same resume goes ahead.
+    allowed = ["train.resume=auto", "train.lr=1e-3", "train.allow_config_change=true"]
+    out = launch(run_dir, cache, "train.max_steps=8", *allowed)
+    assert "resumed at step 8" in out
+
+
+@pytest.mark.badinput
+def test_resume_auto_with_the_default_timestamped_run_dir_is_refused():
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "launch", "train.resume=auto"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.resume=auto needs the run's own run_dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.resume
+@pytest.mark.faults
+def test_a_truncated_shard_is_skipped_and_the_previous_checkpoint_resumes_exactly(tmp_path, straight):
+    want, cache = straight
+    run_dir = tmp_path / "run"
+    launch(run_dir, cache, "train.max_steps=6", "train.save_every=3")
+    shard = run_dir / "checkpoints" / "step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size // 2)
+    out = launch(run_dir, cache, "train.max_steps=8", "train.resume=auto")
+    assert (
+        f"skipping checkpoint {run_dir}/checkpoints/step6: {shard.name} is {size // 2} bytes, "
+        f"the manifest says {size}" in out
+    )
+    assert "resumed at step 3" in out
+    assert_same_steps(train_rows(run_dir), want)
+
+
+@pytest.mark.slow
+@pytest.mark.resume
+def test_a_run_with_dropout_resumes_exactly_and_keeps_its_wandb_run(tmp_path):
+    """Every rank's RNG state is saved and restored: with attention dropout on, the resumed steps draw the same
+    masks as an uninterrupted run. The wandb run id is kept in the run dir and reused."""
+    common = ["+model.init.attention_dropout=0.2", "logging.wandb_mode=offline"]
+    launch(tmp_path / "straight", tmp_path / "cache", *common, "train.max_steps=8")
+    want = train_rows(tmp_path / "straight")
+    split = tmp_path / "split"
+    launch(split, tmp_path / "cache", *common, "train.max_steps=5")
+    out = launch(split, tmp_path / "cache", *common, "train.max_steps=8", "train.resume=auto")
+    assert "resumed at step 5" in out
+    assert_same_steps(train_rows(split), want)
+    run_id = (split / "wandb_id").read_text().strip()
+    runs = sorted(p.name for p in (split / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), (run_id, runs)
+
+
 @pytest.mark.badinput
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     cmd = [
@@ -118,7 +212,7 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "no DeepSpeed checkpoint there" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no complete checkpoint there" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def ranks_running(run_dir) -> list[int]:

@@ -32,13 +32,20 @@ from launcher.data.sources import (
     detect_format,
     passes_filters,
     read_rows,
+    read_tools,
     sample_rows,
     source_name,
     to_conversations,
 )
-from launcher.data.template import IGNORE_INDEX, TemplateError, encode_conversation, encode_many
+from launcher.data.template import (
+    IGNORE_INDEX,
+    TemplateError,
+    ToolsNotRendered,
+    encode_conversation,
+    encode_many,
+)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: one closing token trained (not a trailing eos); tool schemas and calls
 
 Encoded = dict[str, np.ndarray]  # {"input_ids", "labels"}: int32 arrays of one conversation
 
@@ -55,7 +62,15 @@ def _n_trained(labels: Any) -> int:
     return int(np.count_nonzero(np.asarray(labels) != IGNORE_INDEX))
 
 
-def _fit(tok: Any, msgs: list[dict], enc: dict, data_cfg: Any, template: str | None, report: SourceReport):
+def _fit(
+    tok: Any,
+    msgs: list[dict],
+    tools: Any,
+    enc: dict,
+    data_cfg: Any,
+    template: str | None,
+    report: SourceReport,
+):
     """Handle a conversation longer than max_length; returns None (counted) when it is dropped."""
     if len(enc["input_ids"]) <= data_cfg.max_length:
         return enc
@@ -66,7 +81,7 @@ def _fit(tok: Any, msgs: list[dict], enc: dict, data_cfg: Any, template: str | N
     for k in range(len(msgs) - 1, 0, -1):
         if msgs[k - 1]["role"] != "assistant":
             continue
-        shorter = encode_conversation(tok, msgs[:k], train_on=data_cfg.train_on.value, chat_template=template)
+        shorter = encode_conversation(tok, msgs[:k], data_cfg.train_on.value, template, tools)
         shorter = {k: np.asarray(v, dtype=np.int32) for k, v in shorter.items()}
         if len(shorter["input_ids"]) <= data_cfg.max_length:
             report.truncated_trained_tokens += _n_trained(enc["labels"]) - _n_trained(shorter["labels"])
@@ -85,7 +100,7 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
     on_error = data_cfg.on_error.value
     fmt = None if src.format.value == "auto" else src.format.value
     columns = dict(src.columns)
-    pending: list[tuple[str, list[dict]]] = []
+    pending: list[tuple[str, list[dict], list[dict] | None]] = []
     for where, row in read_rows(src, on_error, report):
         report.rows_read += 1
         reason = passes_filters(row, src)
@@ -95,6 +110,7 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
         try:
             fmt = fmt or detect_format(row, columns)
             convs = to_conversations(row, fmt, columns, where, src.tree_paths.value)
+            tools = read_tools(row, columns, where)
         except RowError as e:
             if on_error == "skip":
                 report.drop("malformed_row")
@@ -110,19 +126,27 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
             if src.max_turns is not None and sum(m["role"] == "assistant" for m in msgs) > src.max_turns:
                 report.drop("max_turns")
                 continue
-            pending.append((where, msgs))
+            pending.append((where, msgs, tools))
 
     out = []
     encoded = encode_conversations(
-        tok, [m for _, m in pending], data_cfg.train_on.value, template, data_cfg.num_proc
+        tok,
+        [m for _, m, _ in pending],
+        data_cfg.train_on.value,
+        template,
+        data_cfg.num_proc,
+        [t for *_, t in pending],
     )
-    for (where, msgs), enc in zip(pending, encoded):
+    for (where, msgs, tools), enc in zip(pending, encoded):
+        if isinstance(enc, ToolsNotRendered):  # would teach calls to functions the model was never shown
+            report.drop("tools_not_rendered")
+            continue
         if isinstance(enc, TemplateError):
             if on_error == "skip":
                 report.drop("template_mismatch")
                 continue
             raise TemplateError(f"{where}: {enc}") from None
-        enc = _fit(tok, msgs, enc, data_cfg, template, report)
+        enc = _fit(tok, msgs, tools, enc, data_cfg, template, report)
         if enc is None:
             continue
         if src.max_tokens is not None and len(enc["input_ids"]) >= src.max_tokens:
@@ -136,14 +160,17 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
 
 
 def _map_encode(batch: dict[str, list], tok: Any, train_on: str, template: str | None) -> dict[str, list]:
-    """`datasets.map` body: JSON messages -> input_ids, labels (empty) and error ('' when fine)."""
+    """`datasets.map` body: JSON messages (and tools) -> input_ids, labels (empty) and error ('' when fine)."""
     empty = np.zeros(0, dtype=np.int32)
     out: dict[str, list] = {"input_ids": [], "labels": [], "error": []}
-    for enc in encode_many(tok, [json.loads(m) for m in batch["messages"]], train_on, template):
+    tools = [json.loads(t) for t in batch["tools"]]
+    for enc in encode_many(tok, [json.loads(m) for m in batch["messages"]], train_on, template, tools):
         ids, labels = (empty, empty) if isinstance(enc, TemplateError) else enc
         out["input_ids"].append(ids)
         out["labels"].append(labels)
-        out["error"].append(str(enc) if isinstance(enc, TemplateError) else "")
+        # The error's kind travels with its text: a template that drops tools is counted, not raised.
+        kind = "tools:" if isinstance(enc, ToolsNotRendered) else "template:"
+        out["error"].append(kind + str(enc) if isinstance(enc, TemplateError) else "")
     return out
 
 
@@ -156,7 +183,12 @@ def _list_column(column: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_conversations(
-    tok: Any, conversations: list[list[dict]], train_on: str, template: str | None, num_proc: int
+    tok: Any,
+    conversations: list[list[dict]],
+    train_on: str,
+    template: str | None,
+    num_proc: int,
+    tools: list[list[dict] | None] | None = None,
 ) -> list[Encoded | TemplateError]:
     """Template + mask + tokenize, in order; a conversation whose template defeats masking yields its error.
 
@@ -166,13 +198,16 @@ def encode_conversations(
     if num_proc <= 1 or len(conversations) < 2 * TOKENIZE_CHUNK:
         return [
             e if isinstance(e, TemplateError) else {"input_ids": e[0], "labels": e[1]}
-            for e in encode_many(tok, conversations, train_on, template)
+            for e in encode_many(tok, conversations, train_on, template, tools)
         ]
     import datasets
 
     with tempfile.TemporaryDirectory(prefix="sft-encode-") as scratch:
         scratch_id = hashlib.sha256(scratch.encode()).hexdigest()[:16]
-        ds = datasets.Dataset.from_dict({"messages": [json.dumps(m) for m in conversations]})
+        tools = tools or [None] * len(conversations)
+        ds = datasets.Dataset.from_dict(
+            {"messages": [json.dumps(m) for m in conversations], "tools": [json.dumps(t) for t in tools]}
+        )
         with _quiet_datasets(datasets):
             mapped = ds.map(
                 _map_encode,
@@ -180,7 +215,7 @@ def encode_conversations(
                 batched=True,
                 batch_size=TOKENIZE_CHUNK,
                 num_proc=num_proc,
-                remove_columns=["messages"],
+                remove_columns=["messages", "tools"],
                 cache_file_name=str(Path(scratch) / "encoded.arrow"),
                 new_fingerprint=scratch_id,  # spares datasets hashing the tokenizer
                 desc="encode",
@@ -192,8 +227,9 @@ def encode_conversations(
         errors = mapped.data.column("error").to_pylist()
         del mapped, ds
     ids, labels = np.split(ids, cuts[1:-1]), np.split(labels, cuts[1:-1])
+    errs = {"tools": ToolsNotRendered, "template": TemplateError}
     return [
-        TemplateError(err) if err else {"input_ids": i, "labels": lab}
+        errs[err.split(":", 1)[0]](err.split(":", 1)[1]) if err else {"input_ids": i, "labels": lab}
         for i, lab, err in zip(ids, labels, errors)
     ]
 

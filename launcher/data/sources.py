@@ -9,7 +9,9 @@ Formats (detected per source from its columns, or set with `format`):
                       {"text", "role": prompter|assistant, "rank"?, "deleted"?, "review_result"?, "replies": [...]};
                       or oasst1's flat message table (message_id, parent_id, role, text, ...), assembled into trees
 
-Column names can be remapped per source (`columns: {messages: dialog}`).
+Column names can be remapped per source (`columns: {messages: dialog}`). A `tools` column (function schemas: a
+list, or a JSON string of one) is passed to the chat template; ShareGPT's `function_call` turns become assistant
+`tool_calls` and `observation` turns `tool` messages, as in OpenAI-style messages rows.
 """
 
 from __future__ import annotations
@@ -247,11 +249,20 @@ def to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str], where: s
             raise RowError(f"{where}: field 'messages' must be a list, got {type(raw).__name__}")
         msgs = []
         for j, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m and not m.get("tool_calls"):
                 raise RowError(f"{where}: messages[{j}] needs 'role' and 'content'")
             if m["role"] not in ROLES:
                 raise RowError(f"{where}: messages[{j}].role={m['role']!r} is not one of {sorted(ROLES)}")
-            msgs.append({"role": m["role"], "content": _text(m["content"], where, f"messages[{j}].content")})
+            msg = {"role": m["role"]}
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], where, f"messages[{j}].tool_calls")
+                msg["content"] = _text(m.get("content") or "", where, f"messages[{j}].content")
+            else:
+                msg["content"] = _text(m["content"], where, f"messages[{j}].content")
+            for key in ("name", "tool_call_id"):  # which call a tool result answers
+                if m["role"] == "tool" and isinstance(m.get(key), str):
+                    msg[key] = m[key]
+            msgs.append(msg)
         return msgs
     if fmt == "sharegpt":
         raw = _col(row, columns, "conversations", where)
@@ -269,7 +280,13 @@ def to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str], where: s
                 raise RowError(
                     f"{where}: conversations[{j}].from={m['from']!r} is not one of {sorted(SHAREGPT_ROLES)}"
                 )
-            msgs.append({"role": role, "content": _text(m["value"], where, f"conversations[{j}].value")})
+            value = _text(m["value"], where, f"conversations[{j}].value")
+            if m["from"] == "function_call":
+                msgs.append(
+                    {"role": "assistant", "content": "", "tool_calls": _call_from_json(value, where, j)}
+                )
+            else:
+                msgs.append({"role": role, "content": value})
         return msgs
     if fmt == "alpaca":
         instruction = _text(_col(row, columns, "instruction", where), where, "instruction")
@@ -304,6 +321,58 @@ def to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str], where: s
         )
         return head + tail
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def _call_from_json(value: str, where: str, j: int) -> list[dict[str, Any]]:
+    """A ShareGPT function_call turn (`{"name": ..., "arguments": {...}}`, or a list of them) as tool_calls."""
+    fld = f"conversations[{j}].value"
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RowError(
+            f"{where}: {fld} of a function_call turn is not JSON ({e.msg} at column {e.colno})"
+        ) from None
+    return _tool_calls(parsed if isinstance(parsed, list) else [parsed], where, fld)
+
+
+def _tool_calls(raw: Any, where: str, fld: str) -> list[dict[str, Any]]:
+    """OpenAI-style tool calls, `[{"type": "function", "function": {"name", "arguments"}}]`, checked."""
+    if not isinstance(raw, list):
+        raise RowError(f"{where}: field {fld} must be a list of tool calls, got {type(raw).__name__}")
+    calls = []
+    for k, call in enumerate(raw):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowError(f"{where}: field {fld}[{k}] needs a function name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI's wire format: arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                raise RowError(f"{where}: field {fld}[{k}].arguments is not JSON") from None
+        calls.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return calls
+
+
+def read_tools(row: dict[str, Any], columns: dict[str, str], where: str) -> list[dict[str, Any]] | None:
+    """The row's function schemas (`tools` column: a list or a JSON string of one), OpenAI style; None if none."""
+    raw = row.get(columns.get("tools", "tools"))
+    if raw is None or raw == "" or raw == []:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RowError(f"{where}: field 'tools' is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise RowError(f"{where}: field 'tools' must be a list of function schemas")
+    tools = []
+    for k, t in enumerate(raw):
+        fn = t.get("function", t)
+        if not isinstance(fn.get("name"), str):
+            raise RowError(f"{where}: field tools[{k}] needs a function name")
+        tools.append(t if "function" in t else {"type": "function", "function": t})
+    return tools
 
 
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -377,7 +446,7 @@ def conversation_problem(msgs: list[dict[str, str]]) -> str | None:
         return "empty"
     if not any(m["role"] == "assistant" for m in msgs):
         return "no_assistant"
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+    if any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in msgs):
         return "empty_assistant"
     return None
 

@@ -56,10 +56,18 @@ class TemplateError(ValueError):
 
 
 def _render(
-    tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool, template: str | None
+    tokenizer: Any,
+    messages: Sequence[Message],
+    add_generation_prompt: bool,
+    template: str | None,
+    tools: list[dict] | None = None,
 ) -> str:
     return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        list(messages),
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=template,
     )
 
 
@@ -97,23 +105,48 @@ def _closing_end(text: str, content_end: int, specials_re: re.Pattern[str]) -> i
 
 
 def _assistant_spans_prefix(
-    tokenizer: Any, messages: Sequence[Message], full: str, template: str | None
+    tokenizer: Any,
+    messages: Sequence[Message],
+    full: str,
+    template: str | None,
+    tools: list[dict] | None = None,
+    closers: re.Pattern[str] | None = None,
 ) -> list[tuple[int, int]] | None:
-    """Character spans of assistant content by the prefix method; None when the template is not prefix-stable."""
+    """Character spans of assistant content by the prefix method; None when the template is not prefix-stable.
+
+    A turn that calls tools is trained on everything the template writes after the generation prompt up to its
+    closing token (the calls as this model spells them, e.g. Qwen's `<tool_call>{...}</tool_call>`).
+    """
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True, template) if i else ""
+        prompt = _render(tokenizer, messages[:i], True, template, tools) if i else ""
         # The conversation up to its last message is the full rendering: no need to render it again.
-        turn = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False, template)
+        last = i == len(messages) - 1
+        turn = full if last else _render(tokenizer, messages[: i + 1], False, template, tools)
         if not (turn.startswith(prompt) and full.startswith(turn)):
             return None
+        if msg.get("tool_calls"):
+            assert closers is not None
+            end = len(turn.rstrip())
+            while (m := _trailing_closer(turn[:end], closers)) is not None:
+                end = m
+            spans.append((len(prompt), end))
+            continue
         start = turn.find(msg["content"], len(prompt))
         if start < 0:
             return None
         spans.append((start, start + len(msg["content"])))
     return spans
+
+
+def _trailing_closer(text: str, closers: re.Pattern[str]) -> int | None:
+    """Start of a closing special token (and the white space before it) that ends `text`, or None."""
+    for m in closers.finditer(text):
+        if m.end() == len(text) and m.start() < len(text):
+            return m.start()
+    return None
 
 
 def _assistant_spans_search(messages: Sequence[Message], full: str) -> list[tuple[int, int]]:
@@ -145,10 +178,14 @@ class Rendered:
 
 
 def render_conversation(
-    tokenizer: Any, messages: Sequence[Message], train_on: str = "all", chat_template: str | None = None
+    tokenizer: Any,
+    messages: Sequence[Message],
+    train_on: str = "all",
+    chat_template: str | None = None,
+    tools: list[dict] | None = None,
 ) -> Rendered:
     """Render with the chat template and find the trained character spans (content + closing token)."""
-    out = render_many(tokenizer, [messages], train_on, chat_template)[0]
+    out = render_many(tokenizer, [messages], train_on, chat_template, [tools])[0]
     if isinstance(out, TemplateError):
         raise out
     return out
@@ -197,18 +234,43 @@ def _spans_from_layout(
     return spans if "".join(pieces) == full else None
 
 
+class ToolsNotRendered(TemplateError):
+    """The chat template drops the conversation's tool schemas or calls: training on it would teach calls to
+    functions the model was never shown (counted as `tools_not_rendered`, never trained)."""
+
+
+def _uses_tools(messages: Sequence[Message], tools: list[dict] | None) -> bool:
+    return bool(tools) or any(m.get("tool_calls") for m in messages)
+
+
+def _tools_dropped(
+    tokenizer: Any, messages: Sequence[Message], full: str, template: str | None, tools: list[dict] | None
+) -> str | None:
+    """What of the tools the template leaves out ("tools" schemas, "tool_calls"), by rendering without them."""
+    if tools and _render_or_error(tokenizer, messages, template, None) == full:
+        return "tools"
+    if any(m.get("tool_calls") for m in messages):
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+        if _render_or_error(tokenizer, bare, template, tools) == full:
+            return "tool_calls"
+    return None
+
+
 def render_many(
     tokenizer: Any,
     conversations: Sequence[Sequence[Message]],
     train_on: str = "all",
     chat_template: str | None = None,
+    tools: Sequence[list[dict] | None] | None = None,
 ) -> list[Rendered | TemplateError]:
     """Render many conversations and find their trained spans; a conversation that can't be masked
     exactly yields its TemplateError instead.
 
     Spans come from, in order: the cached layout of the conversation's role sequence (one render per
-    conversation), the prefix method, the in-order content search (see the module docstring).
+    conversation), the prefix method, the in-order content search (see the module docstring). Conversations
+    with tool schemas (`tools[i]`, passed to the template) or tool calls take the prefix method.
     """
+    tools = list(tools) if tools is not None else [None] * len(conversations)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is not a fast tokenizer; offsets are needed to map masks"
@@ -218,20 +280,39 @@ def render_many(
             raise ValueError("conversation has no assistant message: nothing to train on")
     if not conversations:
         return []
+    with_tools = [_uses_tools(m, t) for m, t in zip(conversations, tools)]
     try:  # one call for the whole batch; a template error in one conversation re-renders them one by one
+        if any(with_tools):
+            raise ValueError("tool schemas differ per conversation")
         fulls: list[str | TemplateError] = tokenizer.apply_chat_template(
             [list(m) for m in conversations], tokenize=False, chat_template=chat_template
         )
     except Exception:
-        fulls = [_render_or_error(tokenizer, m, chat_template) for m in conversations]
+        fulls = [_render_or_error(tokenizer, m, chat_template, t) for m, t in zip(conversations, tools)]
     plan = _plan(tokenizer)
     out: list[Rendered | TemplateError] = []
-    for messages, full in zip(conversations, fulls):
+    for messages, full, conv_tools, tooled in zip(conversations, fulls, tools, with_tools):
         if isinstance(full, TemplateError):
             out.append(full)
             continue
-        literals = _layout(tokenizer, plan, tuple(m["role"] for m in messages), chat_template)
-        spans = _spans_from_layout(messages, full, literals) if literals is not None else None
+        if tooled:
+            dropped = _tools_dropped(tokenizer, messages, full, chat_template, conv_tools)
+            if dropped:
+                out.append(ToolsNotRendered(f"the chat template ignores the conversation's {dropped}"))
+                continue
+            spans = _assistant_spans_prefix(
+                tokenizer, messages, full, chat_template, conv_tools, plan.closers
+            )
+            if spans is None:
+                out.append(
+                    TemplateError(
+                        "the chat template is not prefix-stable with tools: tool calls can't be located"
+                    )
+                )
+                continue
+        else:
+            literals = _layout(tokenizer, plan, tuple(m["role"] for m in messages), chat_template)
+            spans = _spans_from_layout(messages, full, literals) if literals is not None else None
         if spans is None:
             spans = _assistant_spans_prefix(tokenizer, messages, full, chat_template)
         if spans is None:
@@ -247,11 +328,11 @@ def render_many(
 
 
 def _render_or_error(
-    tokenizer: Any, messages: Sequence[Message], template: str | None
+    tokenizer: Any, messages: Sequence[Message], template: str | None, tools: list[dict] | None = None
 ) -> str | TemplateError:
     """The rendering, or why the template refused it (e.g. a system turn, roles that don't alternate)."""
     try:
-        return _render(tokenizer, messages, False, template)
+        return _render(tokenizer, messages, False, template, tools)
     except Exception as e:  # Jinja's raise_exception() and template bugs: a data/template mismatch
         roles = [m["role"] for m in messages]
         return TemplateError(f"the chat template refused this conversation (roles {roles}): {e}")
@@ -402,8 +483,10 @@ def encode_many(
     conversations: Sequence[Sequence[Message]],
     train_on: str = "all",
     chat_template: str | None = None,
+    tools: Sequence[list[dict] | None] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray] | TemplateError]:
     """Encode many conversations: (input_ids, labels) arrays, or the TemplateError of one that can't be masked.
+    `tools[i]` are conversation i's function schemas (passed to the chat template).
 
     Rendering (Python, holds the GIL) of one chunk overlaps with the Rust tokenizer (releases it) working on
     the chunks before, so every core stays busy in one process.
@@ -423,8 +506,9 @@ def encode_many(
         with ThreadPoolExecutor(TOKENIZE_THREADS) as pool:
             pending: deque = deque()
             for i in range(0, len(conversations), RENDER_CHUNK):
+                chunk_tools = tools[i : i + RENDER_CHUNK] if tools is not None else None
                 rendered = render_many(
-                    tokenizer, conversations[i : i + RENDER_CHUNK], train_on, chat_template
+                    tokenizer, conversations[i : i + RENDER_CHUNK], train_on, chat_template, chunk_tools
                 )
                 if len(pending) >= TOKENIZE_THREADS:
                     out += pending.popleft().result()
@@ -444,21 +528,23 @@ def encode_conversation(
     messages: Sequence[Message],
     train_on: str = "all",
     chat_template: str | None = None,
+    tools: list[dict] | None = None,
 ) -> dict[str, list[int]]:
     """Tokenize a conversation with its chat template; label only assistant tokens.
 
     Args:
         tokenizer: a transformers *fast* tokenizer with a chat template (or `chat_template` given).
-        messages: OpenAI-style `{"role", "content"}` dicts with at least one assistant message.
+        messages: OpenAI-style `{"role", "content"}` dicts with at least one assistant message; an assistant
+            message may carry `tool_calls` (trained as the template writes them), `tool` results never are.
         train_on: "all" assistant turns or only the "last".
         chat_template: a Jinja template to use instead of the tokenizer's own.
+        tools: function schemas shown to the model (the template's `tools`).
 
     Returns:
         `{"input_ids": [...], "labels": [...]}`, labels unshifted with -100 for untrained positions.
     """
-    return tokenize_rendered(tokenizer, [render_conversation(tokenizer, messages, train_on, chat_template)])[
-        0
-    ]
+    rendered = render_conversation(tokenizer, messages, train_on, chat_template, tools)
+    return tokenize_rendered(tokenizer, [rendered])[0]
 
 
 def ensure_chat_template(tokenizer: Any, override: str | None = None) -> bool:
