@@ -30,3 +30,23 @@ def test_check_passes_on_the_default_model():
     out = sft("check")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'attention': 'sdpa'" in out.stdout and "packing_check_rel" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("PASS: packed logits equal per-document logits")
+
+
+def test_check_ends_with_a_fail_line_when_documents_leak(monkeypatch, capsys):
+    """The verdict line when the packed batch leaks across documents: other tools' padding-free collators hand
+    the model an all-ones [B, T] mask, which transformers turns into one causal mask over the whole row."""
+    import torch
+
+    import launcher.evaluate as evaluate
+    from launcher.cli import main
+    from launcher.data import collate
+
+    def all_ones(rows, attention, pad_id=0, device=None):
+        batch = collate(rows, attention, pad_id, device)
+        return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+
+    monkeypatch.setattr(evaluate, "collate", all_ones)
+    assert main(["check", "model.attention=sdpa"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("FAIL: packing self-check failed for attention=sdpa"), lines[-3:]

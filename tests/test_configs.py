@@ -79,3 +79,49 @@ def test_launch_validates_before_starting_ranks():
     )
     assert out.returncode == 2
     assert "global_batch_size=7" in out.stderr and "launching" not in out.stdout
+
+
+def test_your_own_sources_replace_the_demos_eval_set(tmp_path):
+    """`data.sources=[...]` replaces the demo's held-out source too (it is one of the sources, eval: true), so
+    the README's `data.sources=[...] data.eval_fraction=0.02` evaluates on 2% of the user's own rows."""
+    import json
+
+    from launcher.data.pipeline import prepare_data
+    from launcher.model import load_tokenizer
+
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(200)
+    ]
+    path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    cfg = compose([f"data.sources=[{{path: {path}}}]", "data.eval_fraction=0.05"])
+    validate(cfg, world_size=2)
+    assert [s.eval for s in cfg.data.sources] == [False] and not cfg.data.eval_sources
+    prepared = prepare_data(cfg.data, load_tokenizer(cfg.model))
+    assert prepared.report["eval_sources"] == []
+    assert prepared.report["sources"][0]["dropped"] == {"held_out_for_eval": 10}
+    assert {c[0]["content"] for c in prepared.eval_conversations} <= {f"q{i}" for i in range(200)}
+    assert len(prepared.eval_conversations) == 10
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data.eval_fraction=0.02"], "data.eval_fraction=0.02 would be ignored: eval sources are given"),
+        (["data.eval_size=50"], "data.eval_size=50 would be ignored"),
+        (
+            ["data.sources=[{path: x.jsonl}]", "train.exact_match_eval=false"],
+            "train.eval_every=100 but there is no eval data",
+        ),
+        (
+            ["data.sources=[{path: x.jsonl}]", "train.eval_every=0"],
+            "train.exact_match_eval=true but there is no eval data",
+        ),
+        (["data.sources=[{path: x.jsonl, eval: true}]"], "data.sources has no training source"),
+        (["train.keep_last=-1"], "train.keep_last=-1 must be >= 0"),
+    ],
+)
+def test_eval_settings_that_would_be_ignored_are_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate(compose(overrides), world_size=2)

@@ -188,9 +188,9 @@ def test_a_run_with_dropout_resumes_exactly_and_keeps_its_wandb_run(tmp_path):
     launch(tmp_path / "straight", tmp_path / "cache", *common, "train.max_steps=8")
     want = train_rows(tmp_path / "straight")
     split = tmp_path / "split"
-    launch(split, tmp_path / "cache", *common, "train.max_steps=5")
+    launch(split, tmp_path / "cache", *common, "train.max_steps=6")
     out = launch(split, tmp_path / "cache", *common, "train.max_steps=8", "train.resume=auto")
-    assert "resumed at step 5" in out
+    assert "resumed at step 6" in out
     assert_same_steps(train_rows(split), want)
     run_id = (split / "wandb_id").read_text().strip()
     runs = sorted(p.name for p in (split / "wandb").glob("offline-run-*"))
