@@ -380,3 +380,51 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as d:
         print(table(Path(d)))
+
+
+SECRETS = {
+    "WANDB_API_KEY": "fake-wandb-key-0123456789abcdef",
+    "HF_TOKEN": "hf_fakeTokenValue0123456789",
+    "MY_SERVICE_TOKEN": "fake-service-token-abcdef",
+}
+
+
+@pytest.mark.slow
+def test_a_run_keeps_secrets_out_and_third_party_noise_off(tmp_path):
+    """A tiny real run with fake secrets in the environment: none of them lands in any file of the run dir
+    (config.yaml, metrics, logs, wandb's offline files), and the console carries no deprecation noise."""
+    env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "launch",
+        "--nproc",
+        "2",
+        *FAST,
+        "logging.wandb_mode=offline",
+    ]
+    cmd += ["train.export=true", f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and (run_dir / "config.yaml").exists(), files
+    for p in files:
+        blob = p.read_bytes()
+        for name, value in SECRETS.items():
+            assert value.encode() not in blob, f"{name} leaked into {p}"
+    console = proc.stdout + proc.stderr
+    for noise in ("FutureWarning", "DeprecationWarning", "Writing model shards", "Loading checkpoint shards"):
+        assert noise not in console, console[-3000:]
+
+
+def test_sft_debug_shows_the_traceback():
+    env = {**os.environ, "SFT_DEBUG": "1"}
+    cmd = [sys.executable, "-m", "launcher.cli", "config", "train.max_stepz=3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "max_stepz" in proc.stderr, proc.stderr[
+        -2000:
+    ]
+    plain = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
