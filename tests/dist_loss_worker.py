@@ -3,7 +3,6 @@ are `w - grad` and expose any mis-scaled gradient. Writes loss and gathered weig
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import torch
