@@ -171,6 +171,9 @@ def cmd_prepare(overrides: list[str]) -> int:
     from launcher.model import load_tokenizer
 
     cfg = _compose(overrides)
+    from launcher.preflight import check_inputs
+
+    check_inputs(cfg)
     tok = load_tokenizer(cfg.model)
     prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True)
     print(format_report(prepared.report))
@@ -203,6 +206,9 @@ def cmd_preview(args: list[str]) -> int:
             raise ValueError("-n needs a whole number of examples, e.g. sft preview -n 3")
         n, args = int(args[1]), args[2:]
     cfg = _compose(args)
+    from launcher.preflight import check_inputs
+
+    check_inputs(cfg)
     tok = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg.data, tok, cfg.model.chat_template)
     # Documents exactly as the trainer sees them inside packed rows (first token of each never trained).
@@ -230,6 +236,9 @@ def cmd_check(overrides: list[str]) -> int:
     from launcher.model import build_model, load_tokenizer, model_config
 
     cfg = _compose(overrides)
+    from launcher.preflight import check_inputs
+
+    check_inputs(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(cfg.model)
     rows = prepare_data(cfg.data, tok, cfg.model.chat_template).train_rows[:64]
@@ -359,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         code = COMMANDS[argv[0]](argv[1:])
+    except BrokenPipeError:  # `sft config | head`: the reader has seen enough
+        sys.stderr.close()
+        code = 0
     except user_errors as e:
         # User errors (bad config, bad data, missing files): the message names the key/file/row; no traceback.
         if os.environ.get("SFT_DEBUG"):

@@ -42,7 +42,25 @@ def compose_config(overrides: list[str]) -> DictConfig:
         if os.environ.get("SFT_DEBUG"):
             raise
         raise UserError(explain_compose_error(e)) from e
+    _check_schema(cfg, overrides)
     return cfg
+
+
+def _check_schema(cfg: DictConfig, overrides: list[str]) -> None:
+    """`+key=value` adds keys Hydra does not check against the schema: a typo there would be silently ignored."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from launcher.config import Config
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
+    except ConfigKeyError as e:
+        added = [o for o in overrides if o.startswith("+")]
+        wrapper = ConfigCompositionException(f"Could not override '{added[0] if added else e.full_key}'")
+        wrapper.__cause__ = e
+        raise UserError(explain_compose_error(wrapper)) from None
 
 
 def _schema(type_name: str | None) -> list[str]:
@@ -262,7 +280,9 @@ def check_resume(t: Any) -> None:
         return
     path = Path(str(t.resume)).expanduser()
     if not path.is_dir():
-        raise UserError(f"train.resume={t.resume}: no such directory ({path.resolve()})")
+        raise UserError(
+            f"train.resume={t.resume}: no DeepSpeed checkpoint there (no such directory {path.resolve()})"
+        )
     if not (path / "latest").exists():
         raise UserError(
             f"train.resume={t.resume}: no DeepSpeed checkpoint there (no 'latest' file in {path.resolve()})"
@@ -301,6 +321,12 @@ def check_model_config(m: Any, device_type: str) -> None:
         )
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """What `sft prepare`, `preview` and `check` read: the data files and the model/tokenizer."""
+    check_sources(cfg.data)
+    check_model(cfg.model)
 
 
 def check(cfg: DictConfig, world_size: int, device_type: str) -> None:

@@ -70,6 +70,7 @@ CASES = [
         ["data.sources", "formt", "did you mean 'format'"],
     ),
     Case("top_key", ["trian.max_steps=3"], ["'trian'", "did you mean 'train'", "re:^(?!.*\\+trian)"]),
+    Case("plus_key", ["+train.max_stepz=3"], ["train.max_stepz", "did you mean 'max_steps'"]),
     Case("nested_key", ["train.max_stepz=3"], ["train.max_stepz", "did you mean 'max_steps'"]),
     Case("group_option", ["model=tnyi"], ["model=tnyi", "did you mean 'tiny'", "hf, tiny"]),
     Case("no_equals", ["train.max_steps"], ["cannot parse override", "train.max_steps", "key=value"]),
