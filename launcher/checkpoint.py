@@ -325,9 +325,12 @@ def preflight(cfg: DictConfig, world: int) -> None:
     tag_dir, skipped = newest_complete(root)
     if tag_dir is None:
         if setting != "auto":
-            why = (
-                f"; {skipped[0][0]}: {skipped[0][1]}" if skipped else " (no step<N> dir with a manifest.json)"
-            )
+            if skipped:
+                why = f"; {skipped[0][0]}: {skipped[0][1]}"
+            elif not root.is_dir():
+                why = f" (no such directory {root.resolve()})"
+            else:
+                why = f" ({root.resolve()} has no step<N> dir with a manifest.json)"
             raise ValueError(f"train.resume={setting}: no complete checkpoint there{why}")
         return
     check_compatible(json.loads((tag_dir / MANIFEST).read_text()), cfg, tag_dir, None, world)

@@ -7,7 +7,10 @@
     sft check [overrides]                compare packed vs per-document logits of the configured model
     sft config [overrides]               print the composed config
 
-User errors print one message naming the key/file/row and exit 2; SFT_DEBUG=1 shows the traceback.
+    sft <command> --help                 that command's usage; sft --version
+
+A user's mistake prints one line naming the key/file/row and exits 2 (a bug exits 1); SFT_DEBUG=1 shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -20,46 +23,125 @@ from pathlib import Path
 
 USAGE = __doc__
 
+COMMAND_USAGE = {
+    "launch": "sft launch [--nproc N] [overrides]\n\nChecks the config, model, tokenizer, data, DeepSpeed JSON, "
+    "resume dir and run dir, prepares the data, then starts torchrun here with N ranks (default: every GPU, or 2 "
+    "on CPU) running `sft train`. A rank's error is printed once; its traceback is in <run_dir>/logs/.",
+    "train": "sft train [overrides]\n\nTrains in this process: under torchrun, the deepspeed launcher or srun, "
+    "or alone (1 rank).",
+    "prepare": "sft prepare [overrides]\n\nTokenizes, masks and packs the data once (cached by content hash) and "
+    "prints the data report.",
+    "preview": "sft preview [-n N] [overrides]\n\nPrints N documents as the trainer sees them, trained tokens in "
+    "colour ([[...]] off a TTY), and the data report.",
+    "check": "sft check [overrides]\n\nCompares packed vs per-document logits of the configured model and "
+    "backend.",
+    "config": "sft config [overrides]\n\nPrints the composed config (every key and its value).",
+}
+
+
+def command_help(name: str) -> str:
+    from launcher.preflight import _groups
+
+    groups = "\n".join(f"  {g:<11}{', '.join(opts)}" for g, opts in sorted(_groups().items()))
+    return (
+        f"usage: {COMMAND_USAGE[name]}\n\nOverrides are Hydra's: key=value, group=option, experiment=name.\n"
+        f"Config groups and their options:\n{groups}\n"
+        "List every key and its current value with `sft config [overrides]` (schema: launcher/config.py)."
+    )
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    try:
+        return pkg_version("sft-launcher")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
 
 def _compose(overrides: list[str]):
-    from launcher.config import compose
+    from launcher.preflight import compose_config
 
-    return compose(overrides)
+    return compose_config(overrides)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def cmd_train(overrides: list[str]) -> int:
+    import torch
+
+    from launcher import preflight
+
+    cfg = _compose(overrides)
+    preflight.check(cfg, _world_size(), "cuda" if torch.cuda.is_available() else "cpu")
     from launcher.train import train
 
-    train(_compose(overrides))  # ends with a barrier: every rank has finished writing
+    train(cfg)  # ends with a barrier: every rank has finished writing
     return 0
 
 
+def parse_nproc(args: list[str]) -> tuple[int | None, list[str]]:
+    """`--nproc N` / `--nproc=N` in front of the overrides."""
+    if not args or not args[0].startswith("--nproc"):
+        return None, args
+    if args[0].startswith("--nproc="):
+        value, rest = args[0].split("=", 1)[1], args[1:]
+    elif args[0] == "--nproc":
+        if len(args) < 2:
+            raise ValueError("--nproc needs a value: the number of ranks, e.g. --nproc 2")
+        value, rest = args[1], args[2:]
+    else:
+        raise ValueError(f"unknown option {args[0]!r}: did you mean --nproc?")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--nproc {value}: expected a positive whole number of ranks, e.g. --nproc 2")
+    return int(value), rest
+
+
 def cmd_launch(args: list[str]) -> int:
+    nproc, args = parse_nproc(args)
+    cfg = _compose(args)  # fail here, before starting processes, on a bad config
     import torch
 
-    nproc = None
-    if args[:1] == ["--nproc"]:
-        nproc, args = int(args[1]), args[2:]
-    from launcher.config import validate
+    from launcher import preflight
 
-    cfg = _compose(args)  # fail here, before starting processes, on a bad config
     if nproc is None:
         nproc = torch.cuda.device_count() or 2
-    validate(cfg, nproc)
-    from launcher.checkpoint import preflight
+    preflight.check(cfg, nproc, "cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(cfg.run_dir).resolve()
+    # One run dir for all ranks, fixed before they start.
+    args = [a for a in args if not a.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+    _prepare_in_launcher(cfg)  # bad data rows fail here, once; the ranks then read the cache
+    return _run_ranks(args, nproc, run_dir)
 
-    preflight(cfg, nproc)  # a resume the ranks would refuse is refused here, before they start
-    if not any(a.startswith("run_dir=") for a in args):
-        # One run dir for all ranks, fixed before they start.
-        args = [*args, f"run_dir={Path(cfg.run_dir).resolve()}"]
-    env = dict(os.environ)
+
+def _prepare_in_launcher(cfg) -> None:
+    from launcher.data.pipeline import cached_prepare
+    from launcher.model import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True)
+
+
+def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
+    import shutil
+
+    import torch
+
+    from launcher.rankerrors import ERROR_DIR_ENV, first_error
+
+    errors = run_dir / "logs" / "errors"
+    shutil.rmtree(errors, ignore_errors=True)  # a previous attempt's errors are not this one's
+    env = {**os.environ, ERROR_DIR_ENV: str(errors)}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launcher.rankerrors",
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
@@ -71,11 +153,15 @@ def cmd_launch(args: list[str]) -> int:
     t0 = time.time()
     me = os.getpid()
     code = subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(me))
-    if code:  # on success rank 0's `run_dir:` stays the last line
-        print(
-            f"launch failed after {time.time() - t0:.1f}s with exit code {code}", file=sys.stderr, flush=True
-        )
-    return code
+    if not code:  # on success rank 0's `run_dir:` stays the last line
+        return 0
+    err = first_error(errors)
+    if err is None:
+        print(f"error: launch failed after {time.time() - t0:.1f}s with exit code {code}", file=sys.stderr)
+        return 1
+    kind = "error" if err["user"] else "internal error"
+    print(f"{kind} (rank {err['rank']}): {err['message']} [traceback: {err['traceback']}]", file=sys.stderr)
+    return 2 if err["user"] else 1
 
 
 def cmd_prepare(overrides: list[str]) -> int:
@@ -85,6 +171,9 @@ def cmd_prepare(overrides: list[str]) -> int:
     from launcher.model import load_tokenizer
 
     cfg = _compose(overrides)
+    from launcher.preflight import check_inputs
+
+    check_inputs(cfg)
     tok = load_tokenizer(cfg.model)
     prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True)
     print(format_report(prepared.report))
@@ -113,8 +202,13 @@ def cmd_preview(args: list[str]) -> int:
 
     n = 3
     if args[:1] == ["-n"]:
+        if len(args) < 2 or not args[1].isdigit():
+            raise ValueError("-n needs a whole number of examples, e.g. sft preview -n 3")
         n, args = int(args[1]), args[2:]
     cfg = _compose(args)
+    from launcher.preflight import check_inputs
+
+    check_inputs(cfg)
     tok = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg.data, tok, cfg.model.chat_template)
     # Documents exactly as the trainer sees them inside packed rows (first token of each never trained).
@@ -142,6 +236,9 @@ def cmd_check(overrides: list[str]) -> int:
     from launcher.model import build_model, load_tokenizer, model_config
 
     cfg = _compose(overrides)
+    from launcher.preflight import check_inputs
+
+    check_inputs(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(cfg.model)
     rows = prepare_data(cfg.data, tok, cfg.model.chat_template).train_rows[:64]
@@ -225,29 +322,79 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def quiet_third_party() -> None:
+    """Known third-party noise, filtered once per process: deprecation notices from the libraries we call and
+    transformers' per-shard progress bars. Our own warnings and the libraries' real warnings stay."""
+    import warnings
+
+    libs = r"(torch|transformers|deepspeed|datasets|wandb|pydantic|huggingface_hub|accelerate|pkg_resources)"
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=libs)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' shard bars follow this too
+
+
 def main(argv: list[str] | None = None) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: first thing, before slow imports
         die_with_parent()
+    quiet_third_party()
     try:
         argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"sft-launcher {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            import difflib
+
+            close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            print(
+                f"error: unknown command {argv[0]!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr
+            )
+            return 2
         print(USAGE)
-        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+        return 0
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(command_help(argv[0]))
+        return 0
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from launcher.rankerrors import one_line, record
+
+    rank = os.environ.get("RANK")
+    user_errors: tuple[type[BaseException], ...] = (
+        ValueError,
+        OSError,
+        HydraException,
+        OmegaConfBaseException,
+    )
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers' config validation
+
+        user_errors += (StrictDataclassError,)
+    except ImportError:
+        pass
     try:
         code = COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
+    except BrokenPipeError:  # `sft config | head`: the reader has seen enough
+        sys.stderr.close()
+        code = 0
+    except user_errors as e:
+        # User errors (bad config, bad data, missing files): the message names the key/file/row; no traceback.
         if os.environ.get("SFT_DEBUG"):
             raise
-        # User errors (bad config, bad data): the message names the key/file/row; no traceback.
-        rank = os.environ.get("RANK")
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+        if not record(e, user=True):
+            print(f"error{f' (rank {rank})' if rank else ''}: {one_line(e)}", file=sys.stderr, flush=True)
         code = 2
+    except Exception as e:
+        if os.environ.get("SFT_DEBUG") or not record(e, user=False):
+            raise  # a bug: the traceback is the useful part (exit 1)
+        code = 1
     if argv[0] == "train":
         from launcher.engine import exit_now
 

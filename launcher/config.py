@@ -170,6 +170,8 @@ class DataConfig:
     """Malformed rows: raise with file/row/field, or skip and count."""
     seed: int = 0
     """Seed for sampling, splits and pack order."""
+    dedup: bool = False
+    """Drop exact duplicate conversations (per source, after normalising); by default they are kept and counted."""
     num_proc: int = 1
     """Processes that render + tokenize conversations when preparing data (chunks of 1024, order kept). Pays off on
     many-core nodes; on 2 cores one process is faster (the tokenizer already uses both; see bench/results)."""
@@ -301,29 +303,50 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
 
 def validate(cfg: DictConfig, world_size: int) -> None:
-    """Check the fields that depend on each other; raise one ValueError listing every problem."""
+    """Check every numeric field's domain and the fields that depend on each other; raise one ValueError (one
+    line) listing every problem."""
     problems: list[str] = []
     t, d, m = cfg.train, cfg.data, cfg.model
+
+    def need(ok: bool, key: str, value: Any, domain: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value} must be {domain}")
+
     per_step = t.micro_batch_size * world_size
-    if t.micro_batch_size <= 0:
-        problems.append(f"train.micro_batch_size={t.micro_batch_size} must be positive")
-    elif t.global_batch_size % per_step != 0:
+    need(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "positive")
+    need(t.global_batch_size > 0, "train.global_batch_size", t.global_batch_size, "positive")
+    if t.micro_batch_size > 0 and t.global_batch_size > 0 and t.global_batch_size % per_step != 0:
         problems.append(
             f"train.global_batch_size={t.global_batch_size} must be divisible by micro_batch_size "
             f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}"
         )
-    if t.max_steps <= 0:
-        problems.append(f"train.max_steps={t.max_steps} must be positive")
-    if not 0 <= t.warmup_steps < max(t.max_steps, 1):
-        problems.append(f"train.warmup_steps={t.warmup_steps} must be in [0, max_steps={t.max_steps})")
-    if t.lr <= 0:
-        problems.append(f"train.lr={t.lr} must be positive")
-    if not 0 <= t.min_lr_ratio <= 1:
-        problems.append(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
-    if d.max_length <= 0:
-        problems.append(f"data.max_length={d.max_length} must be positive")
-    if not 0 <= d.eval_fraction < 1:
-        problems.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    need(t.max_steps > 0, "train.max_steps", t.max_steps, "positive")
+    need(
+        0 <= t.warmup_steps < max(t.max_steps, 1),
+        "train.warmup_steps",
+        t.warmup_steps,
+        f"in [0, max_steps={t.max_steps})",
+    )
+    need(t.lr > 0, "train.lr", t.lr, "positive")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", t.adam_beta1, "in [0, 1)")
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", t.adam_beta2, "in [0, 1)")
+    need(t.adam_eps > 0, "train.adam_eps", t.adam_eps, "positive")
+    need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 disables clipping)")
+    need(t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0 (0: only at the end)")
+    need(t.save_every >= 0, "train.save_every", t.save_every, ">= 0 (0: only at the end)")
+    need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    need(t.seed >= 0, "train.seed", t.seed, ">= 0")
+    need(
+        t.exact_match_max_examples >= 0, "train.exact_match_max_examples", t.exact_match_max_examples, ">= 0"
+    )
+    need(t.max_new_tokens > 0, "train.max_new_tokens", t.max_new_tokens, "positive")
+    need(d.max_length > 0, "data.max_length", d.max_length, "positive")
+    need(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
+    need(d.eval_size is None or d.eval_size >= 0, "data.eval_size", d.eval_size, ">= 0")
+    need(d.num_proc >= 1, "data.num_proc", d.num_proc, ">= 1")
+    need(d.seed >= 0, "data.seed", d.seed, ">= 0")
     if not [s for s in d.sources if not s.eval]:
         problems.append("data.sources has no training source (all are empty or eval: true): e.g. data=demo")
     has_eval_sources = bool(d.eval_sources) or any(s.eval for s in d.sources)
@@ -351,25 +374,35 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             "train.resume=auto needs the run's own run_dir (the default is a new timestamped dir, with nothing "
             "to resume): add run_dir=<the run dir to continue>"
         )
-    for i, s in enumerate(list(d.sources) + list(d.eval_sources)):
-        where = f"data source #{i} ({s.path})"
-        if s.weight <= 0:
-            problems.append(f"{where}: weight={s.weight} must be positive")
-        if s.sample is not None and s.sample_fraction is not None:
-            problems.append(f"{where}: set sample or sample_fraction, not both")
-        if s.sample_fraction is not None and not 0 < s.sample_fraction <= 1:
-            problems.append(f"{where}: sample_fraction={s.sample_fraction} must be in (0, 1]")
+    for kind in ("sources", "eval_sources"):
+        for i, s in enumerate(d[kind]):
+            key = f"data.{kind}[{i}]"
+            need(s.weight > 0, f"{key}.weight", s.weight, "positive")
+            need(s.max_turns is None or s.max_turns > 0, f"{key}.max_turns", s.max_turns, "positive")
+            need(s.max_tokens is None or s.max_tokens > 0, f"{key}.max_tokens", s.max_tokens, "positive")
+            need(s.sample is None or s.sample > 0, f"{key}.sample", s.sample, "positive")
+            if s.sample is not None and s.sample_fraction is not None:
+                problems.append(f"{key} ({s.path}): set sample or sample_fraction, not both")
+            need(
+                s.sample_fraction is None or 0 < s.sample_fraction <= 1,
+                f"{key}.sample_fraction",
+                s.sample_fraction,
+                "in (0, 1]",
+            )
     if m.name_or_path is None and "model_type" not in m.init:
         problems.append(
             "model.name_or_path is unset and model.init has no model_type: nothing to load or build"
         )
     if m.name_or_path is None and m.tokenizer is None:
         problems.append("model.tokenizer must be set when model.name_or_path is unset (random init)")
-    if cfg.deepspeed.stage not in (0, 1, 2, 3):
-        problems.append(f"deepspeed.stage={cfg.deepspeed.stage} must be 0, 1, 2 or 3")
+    need(cfg.deepspeed.stage in (0, 1, 2, 3), "deepspeed.stage", cfg.deepspeed.stage, "0, 1, 2 or 3")
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         problems.append("deepspeed.offload_params needs deepspeed.stage=3")
-    if t.exact_match_eval and t.max_new_tokens <= 0:
-        problems.append(f"train.max_new_tokens={t.max_new_tokens} must be positive")
+    need(
+        cfg.deepspeed.timeout_minutes > 0,
+        "deepspeed.timeout_minutes",
+        cfg.deepspeed.timeout_minutes,
+        "positive",
+    )
     if problems:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ValueError("invalid config: " + "; ".join(problems))

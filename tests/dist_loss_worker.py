@@ -7,12 +7,28 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from launcher import engine as ds_engine
 from launcher.data import pack_examples
 from launcher.train import train_step
+
+
+def sgd_reference(model: torch.nn.Module, docs: list[dict], lr: float) -> tuple[torch.Tensor, float]:
+    """Weights after one SGD step on the token-mean loss of every document, each run on its own."""
+    loss_sum, n_targets = torch.zeros(()), 0
+    for d in docs:
+        ids, labels = torch.tensor([d["input_ids"]]), torch.tensor(d["labels"][1:])
+        logits = model(input_ids=ids).logits[0, :-1]
+        loss_sum = loss_sum + F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        n_targets += int((labels != -100).sum())
+    loss = loss_sum / n_targets
+    loss.backward()
+    with torch.no_grad():
+        new = torch.cat([(p - lr * p.grad).flatten() for p in model.parameters()])
+    return new, float(loss)
 
 
 def main(micro: int, accum: int, out: str) -> None:
@@ -31,8 +47,6 @@ def main(micro: int, accum: int, out: str) -> None:
         }
     )
     ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False)
-    ds_engine.zero_init_context(ds_config)
-    torch.manual_seed(0)
     cfg = AutoConfig.for_model(
         "llama",
         vocab_size=61,
@@ -42,9 +56,17 @@ def main(micro: int, accum: int, out: str) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
     )
+    # A plain copy for the reference step, built before transformers learns it runs under ZeRO-3.
+    ref_model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    ds_engine.zero_init_context(ds_config)
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
     eng = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=1.0), None, ds_config)
+    with ds_engine.gathered_params(list(eng.module.parameters())), torch.no_grad():
+        for mine, full in zip(ref_model.parameters(), eng.module.parameters(), strict=True):
+            mine.copy_(full)
+    initial = torch.cat([p.detach().flatten().clone() for p in ref_model.parameters()])
     g = torch.Generator().manual_seed(1)
     # Four packed rows with different numbers of target tokens, so per-row averaging would differ.
     docs = [
@@ -54,15 +76,18 @@ def main(micro: int, accum: int, out: str) -> None:
         d["labels"] = [t if (j + i) % (i % 3 + 1) == 0 else -100 for j, t in enumerate(d["input_ids"])]
     rows = pack_examples(docs, max_length=16)
     assert len(rows) == 4, len(rows)
+    # The step's expected update computed the plain way: each document on its own (no packing, no DeepSpeed),
+    # the loss summed over tokens and divided by the step's target tokens.
+    expected, ref_loss = sgd_reference(ref_model, docs, lr=1.0)
     per_rank = micro * accum
     mine = rows[info.rank * per_rank : (info.rank + 1) * per_rank]
     out_step = train_step(eng, mine, micro, "sdpa", info.device, 0, world)
     with ds_engine.gathered_params(list(eng.module.parameters())):
         if info.rank == 0:
             weights = torch.cat([p.detach().flatten().clone() for p in eng.module.parameters()])
-            torch.save(
-                {"loss": out_step["loss"], "weights": weights, "tokens": out_step["trained_tokens"]}, out
-            )
+            record = {"loss": out_step["loss"], "weights": weights, "tokens": out_step["trained_tokens"]}
+            record.update(initial=initial, expected=expected, expected_loss=ref_loss)
+            torch.save(record, out)
     dist.barrier()
     ds_engine.exit_now(0)  # every rank is done; see exit_now for the teardown abort it avoids
 

@@ -33,6 +33,7 @@ from launcher.data.sources import (
     passes_filters,
     read_rows,
     read_tools,
+    role_order_problem,
     sample_rows,
     source_name,
     to_conversations,
@@ -101,6 +102,7 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
     fmt = None if src.format.value == "auto" else src.format.value
     columns = dict(src.columns)
     pending: list[tuple[str, list[dict], list[dict] | None]] = []
+    seen: set[str] = set()
     for where, row in read_rows(src, on_error, report):
         report.rows_read += 1
         reason = passes_filters(row, src)
@@ -123,9 +125,24 @@ def load_source(src: Any, data_cfg: Any, tok: Any, template: str | None) -> tupl
             if problem:
                 report.drop(problem)
                 continue
+            order = role_order_problem(msgs)
+            if order:
+                if on_error == "skip":
+                    report.drop(order[0])
+                    continue
+                raise RowError(
+                    f"data source {report.name}: {where}: {order[1]} (data.on_error=skip drops and counts these)"
+                )
             if src.max_turns is not None and sum(m["role"] == "assistant" for m in msgs) > src.max_turns:
                 report.drop("max_turns")
                 continue
+            key = hashlib.sha256(json.dumps([msgs, tools], sort_keys=True).encode()).hexdigest()
+            if key in seen:
+                report.duplicates += 1
+                if data_cfg.dedup:
+                    report.drop("duplicate")
+                    continue
+            seen.add(key)
             pending.append((where, msgs, tools))
 
     out = []
@@ -303,18 +320,20 @@ def prepare_data(data_cfg: Any, tok: Any, template: str | None = None) -> Prepar
             eval_items += items[:n_eval]
             report.drop("held_out_for_eval", n_eval)
             items = items[n_eval:]
-        picked = sample_rows(items, src, data_cfg.seed)
-        if len(picked) < len(items):
-            report.drop("sampled_out", len(items) - len(picked))
+        picked = sample_rows(items, src, data_cfg.seed, report)
         report.kept = len(picked)
         report.tokens = sum(len(e["input_ids"]) for _, e in picked)
         report.trained_tokens = sum(_n_trained(e["labels"]) for _, e in picked)
         mixed += picked
 
     if not mixed:
-        raise ValueError(
-            "no training rows left after filtering: see the data report above for what was dropped"
+        # Said here in full: the report table is printed only after a successful preparation.
+        why = "; ".join(
+            f"{r.name}: read {r.rows_read}, dropped "
+            + (", ".join(f"{k}={v}" for k, v in sorted(r.dropped.items()) if v) or "none")
+            for r in reports
         )
+        raise ValueError(f"no training rows left (data.max_length={data_cfg.max_length}): {why}")
     train_examples = [e for _, e in mixed]
     eval_examples = [e for _, e in eval_items]
     train_rows = _rows(train_examples, data_cfg)
@@ -422,6 +441,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'source':<28}{'read':>8}{'kept':>8}{'tokens':>11}{'trained':>10}  dropped"]
     for r in report["sources"] + report["eval_sources"]:
         dropped = ", ".join(f"{k}={v}" for k, v in r["dropped"].items() if v) or "-"
+        if r.get("duplicates") and not r["dropped"].get("duplicate"):
+            dropped += f"  ({r['duplicates']} exact duplicates kept; data.dedup=true drops them)"
         if r.get("extra_from_trees"):
             dropped += f"  (+{r['extra_from_trees']} conversations from tree paths)"
         lines.append(

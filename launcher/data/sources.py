@@ -17,6 +17,7 @@ list, or a JSON string of one) is passed to the chat template; ShareGPT's `funct
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections import Counter
@@ -53,6 +54,7 @@ class SourceReport:
     truncated: int = 0
     truncated_trained_tokens: int = 0
     extra_from_trees: int = 0  # conversations beyond one per row (OASST tree_paths=all)
+    duplicates: int = 0  # exact repeats of an earlier conversation of this source (dropped with data.dedup)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n
@@ -68,6 +70,7 @@ class SourceReport:
             "truncated": self.truncated,
             "truncated_trained_tokens": self.truncated_trained_tokens,
             "extra_from_trees": self.extra_from_trees,
+            "duplicates": self.duplicates,
         }
 
 
@@ -141,42 +144,62 @@ def _read_rows(src: Any, on_error: str, report: SourceReport) -> Iterator[tuple[
     path = Path(str(src.path)).expanduser()
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                line_start, offset = offset, offset + len(raw)
+                line = _decode(raw, path, lineno, line_start)
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     if on_error == "skip":
+                        report.rows_read += 1  # read, then dropped: the count matches the file's lines
                         report.drop("malformed_json")
                         continue
-                    raise RowError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    raise RowError(
+                        f"{path}:{lineno}: malformed JSON at column {e.colno} "
+                        f"(byte offset {line_start + len(line[: e.pos].encode())}): {e.msg}"
+                    ) from None
                 if not isinstance(row, dict):
+                    if on_error == "skip":
+                        report.rows_read += 1
+                        report.drop("not_an_object")
+                        continue
                     raise RowError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 yield f"{path}:{lineno}", row
     elif path.is_file() and suffix == ".json":
+        text = _decode(path.read_bytes(), path, None, 0)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise RowError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise RowError(
+                f"{path}:{e.lineno}: malformed JSON at column {e.colno} "
+                f"(byte offset {len(text[: e.pos].encode())}): {e.msg}"
+            ) from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise RowError(f"{path}: expected a JSON array of rows (or JSON Lines in a .jsonl file)")
-        for i, row in enumerate(data):
+        for i, row in enumerate(data, 1):  # rows numbered from 1, like lines
             if not isinstance(row, dict):
+                if on_error == "skip":
+                    report.rows_read += 1
+                    report.drop("not_an_object")
+                    continue
                 raise RowError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}[{i}]", row
+            yield f"{path}: row {i}", row
     elif path.is_file() and suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f), 2):
-                yield f"{path}:{i}", dict(row)
+        text = _decode(path.read_bytes(), path, None, 0)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield f"{path}:{reader.line_num}", dict(row)
     elif path.is_file() and suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}[{i}]", row
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}: row {i}", row
     elif path.is_file():
         raise ValueError(f"data source {path}: unsupported file type {suffix!r} (json, jsonl, csv, parquet)")
     elif suffix in (".json", ".jsonl", ".csv", ".parquet"):
@@ -197,8 +220,22 @@ def _read_hf(src: Any, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         ds = datasets.load_dataset(str(src.path), name=src.subset, split=src.split)
     else:
         raise ValueError(f"data source {src.path!r}: no such file or directory (and not a hub id 'org/name')")
-    for i, row in enumerate(ds):
-        yield f"{src.path}[{src.split}][{i}]", row
+    for i, row in enumerate(ds, 1):
+        yield f"{src.path} ({src.split}): row {i}", row
+
+
+def _decode(raw: bytes, path: Path, lineno: int | None, start: int) -> str:
+    """UTF-8 text, or a RowError naming the file, the 1-based line and the byte offset of the bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if lineno is None:
+            lineno = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RowError(
+            f"{path}:{lineno}: not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {start + e.start} "
+            f"(byte {column} of the line); re-encode the file as UTF-8"
+        ) from None
 
 
 # ---- normalising ----
@@ -451,6 +488,18 @@ def conversation_problem(msgs: list[dict[str, str]]) -> str | None:
     return None
 
 
+def role_order_problem(msgs: list[dict[str, str]]) -> tuple[str, str] | None:
+    """(reason, detail) when the turns are out of order: a conversation that starts with the assistant (after any
+    system prompt), or two user turns in a row. Tool turns may sit between assistant turns."""
+    turns = [(j, m["role"]) for j, m in enumerate(msgs) if m["role"] != "system"]
+    if turns and turns[0][1] == "assistant":
+        return "starts_with_assistant", f"messages[{turns[0][0]}] is the assistant's, before any user turn"
+    for (_, a), (j, b) in zip(turns, turns[1:]):
+        if a == b == "user":
+            return "consecutive_user_turns", f"messages[{j}] is a second user turn in a row"
+    return None
+
+
 def passes_filters(row: dict[str, Any], src: Any) -> str | None:
     """Reason the row is filtered out by include/exclude, or None."""
     for col, allowed in src.include.items():
@@ -462,15 +511,21 @@ def passes_filters(row: dict[str, Any], src: Any) -> str | None:
     return None
 
 
-def sample_rows(items: list, src: Any, seed: int) -> list:
-    """Seeded subsample (sample or sample_fraction), then repeat/sample by the mixture weight."""
+def sample_rows(items: list, src: Any, seed: int, report: SourceReport | None = None) -> list:
+    """Seeded subsample (sample or sample_fraction), then repeat/sample by the mixture weight; rows removed by
+    either are counted in `report` (`sampled_out`, `weighted_out`)."""
     rng = random.Random(f"{seed}:{src.path}:{src.subset}")
+    n = len(items)
     if src.sample is not None and src.sample < len(items):
         items = rng.sample(items, src.sample)
     elif src.sample_fraction is not None:
         items = rng.sample(items, round(len(items) * src.sample_fraction))
+    if report is not None and len(items) < n:
+        report.drop("sampled_out", n - len(items))
     whole, frac = divmod(float(src.weight), 1.0)
     out = items * int(whole)
     if frac:
         out += rng.sample(items, round(len(items) * frac))
+    if report is not None and not whole and len(out) < len(items):
+        report.drop("weighted_out", len(items) - len(out))
     return out
