@@ -50,7 +50,8 @@ class Case:
 
 
 def data(path: str) -> list[str]:
-    return [f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]"]
+    """One user source and no eval data (so no eval settings either: they would be ignored, an error)."""
+    return [f"data.sources=[{{path: {path}}}]", "train.eval_every=0", "train.exact_match_eval=false"]
 
 
 CASES = [
@@ -163,11 +164,19 @@ CASES = [
         ["ds.json", "expected a JSON object"],
         files={"ds.json": "[1]"},
     ),
+    Case("resume_auto_default_dir", ["train.resume=auto"], ["train.resume=auto needs the run's own run_dir"]),
+    Case("eval_ignored", ["data.eval_fraction=0.02"], ["data.eval_fraction=0.02 would be ignored"]),
+    Case(
+        "eval_every_no_eval_data",
+        ["data.sources=[{path: {tmp}/chats.jsonl}]", "train.exact_match_eval=false"],
+        ["train.eval_every=100 but there is no eval data"],
+        files={"chats.jsonl": jl(GOOD_ROW)},
+    ),
     Case("resume_missing", ["train.resume={tmp}/ckpt"], ["train.resume", "{tmp}/ckpt", "no such directory"]),
     Case(
         "resume_not_ckpt",
         ["train.resume={tmp}/ckpt"],
-        ["train.resume", "no 'latest' file"],
+        ["train.resume", "no step<N> dir with a manifest.json"],
         files={"ckpt/x": ""},
     ),
     Case(
