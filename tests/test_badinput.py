@@ -164,7 +164,11 @@ CASES = [
         ["ds.json", "expected a JSON object"],
         files={"ds.json": "[1]"},
     ),
-    Case("resume_auto_default_dir", ["train.resume=auto"], ["train.resume=auto needs the run's own run_dir"]),
+    Case(
+        "resume_auto_default_dir",
+        ["train.resume=auto", "run_dir=runs/${now:%Y%m%d-%H%M%S}"],  # the default, spelled out
+        ["train.resume=auto needs the run's own run_dir"],
+    ),
     Case("eval_ignored", ["data.eval_fraction=0.02"], ["data.eval_fraction=0.02 would be ignored"]),
     Case(
         "eval_every_no_eval_data",
