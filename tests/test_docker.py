@@ -102,7 +102,7 @@ class Docker:
 def docker():
     try:
         proc = subprocess.run(
-            [str(ROOT / "docker" / "test-env.sh")], capture_output=True, text=True, timeout=900
+            ["bash", str(ROOT / "docker" / "test-env.sh")], capture_output=True, text=True, timeout=900
         )
     except subprocess.TimeoutExpired:
         pytest.fail("docker/test-env.sh took more than 15 minutes")
