@@ -1,16 +1,17 @@
 # `make demo` and `make test` work on a bare machine with Python >= 3.10 and pip.
 # The CPU build of torch is pinned here (not in pyproject) so a GPU box keeps its own CUDA torch:
 # when the base Python already has a CUDA-capable torch, the venv sees it and nothing replaces it.
+# Its version is docker/Dockerfile's TORCH_VERSION (the one place torch is pinned; the image's base follows it).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-TORCH_CPU := torch==2.13.0
+TORCH_CPU := torch==$(shell sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile)
 
 .PHONY: setup demo test lint format clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements-lock.txt
+$(VENV)/.installed: pyproject.toml requirements-lock.txt docker/Dockerfile
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "using the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
