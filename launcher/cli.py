@@ -28,9 +28,14 @@ def _compose(overrides: list[str]):
 
 
 def cmd_train(overrides: list[str]) -> int:
+    from launcher import lifecycle
     from launcher.train import train
 
-    train(_compose(overrides))  # ends with a barrier: every rank has finished writing
+    try:
+        train(_compose(overrides))  # ends with a barrier: every rank has finished writing
+    except lifecycle.Preempted as e:
+        print(f"rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+        return lifecycle.EXIT_PREEMPTED
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,13 @@ class RunLogger(NullLogger):
         if mode != "disabled":
             import wandb
 
+            # One wandb run per run dir: a resumed or requeued job continues the run whose id is kept there.
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
+                id=run_id,
+                resume="allow",
                 project=log_cfg.project,
                 entity=log_cfg.entity,
                 name=log_cfg.run_name or run_dir.name,

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import engine as ds_engine
+from launcher import lifecycle
 from launcher.attention import resolve_backend
 from launcher.checkpoint import export_hf
 from launcher.config import validate
@@ -201,6 +202,7 @@ def train_step(
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final metrics (rank 0 also prints them)."""
+    stop = lifecycle.StopRequest().install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
     info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
     validate(cfg, world)
@@ -308,6 +310,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             logger.log(eval_loss(eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id), step)
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
+        if step < t.max_steps and (signame := stop.agreed(device)):  # one all-reduce; every rank agrees
+            ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
+            logger.close()
+            raise lifecycle.Preempted(step, signame)
 
     # ---- finish: eval, checkpoint, export ----
     results.update(first_loss=first_loss, final_loss=metrics.get("loss"), steps=step, balance=sampler.balance)
