@@ -178,3 +178,34 @@ def test_slurm_preempt_checkpoints_requeues_and_resumes_exactly(two_nodes, tmp_p
     wandb_id = (run_dir / "wandb_id").read_text().strip()
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and {p.name.rsplit("-", 1)[1] for p in attempts} == {wandb_id}, attempts
+
+
+@pytest.mark.faults
+def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path):
+    """Rank 1 (on the second node) SIGKILLed mid-training: srun --kill-on-bad-exit ends the step, the job fails
+    within a bounded time naming the lost task, no rank is left running, the last checkpoint loads."""
+    import time
+
+    from tests.test_lifecycle import SHORT_TIMEOUT, kill_rank_after_checkpoint
+    from tests.test_resume import launch, ranks_running
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["--time=10", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON, SHORT_TIMEOUT]
+    args += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
+    job = sbatch(args, tmp_path)
+    killed = kill_rank_after_checkpoint(
+        run_dir, 1, lambda: job_field(job, "JobState") in ("PENDING", "RUNNING")
+    )
+    state = wait_for_job(job, 300)
+    took, logs = time.time() - killed, "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert state == "FAILED" and took < 120, (state, took, logs[-3000:])
+    assert re.search(r"srun: error: \S+: task 1: Killed", logs), logs[-3000:]
+    assert "training failed with exit code" in logs and "not requeued" in logs
+    assert job_field(job, "Restarts") == "0"
+    time.sleep(1)
+    assert not ranks_running(run_dir), "a rank outlived the job"
+    last = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", "train.resume=auto")
+    assert f"resumed at step {last}" in out, out[-2000:]
+    print(f"job ended {took:.1f}s after rank 1 was killed; checkpoint step{last} loads")
