@@ -6,6 +6,8 @@
     sft preview [-n N] [overrides]       print N examples with trained tokens marked, and the data report
     sft check [overrides]                compare packed vs per-document logits of the configured model
     sft config [overrides]               print the composed config
+    sft plan [--nodes N --gpus-per-node G --gpu-memory-gb M] [--json] [--check] [overrides]
+                                         world size, batch, steps, DeepSpeed JSON and per-GPU memory: fits?
 
 User errors print one message naming the key/file/row and exit 2; SFT_DEBUG=1 shows the traceback.
 """
@@ -42,7 +44,8 @@ def cmd_train(overrides: list[str]) -> int:
 def cmd_launch(args: list[str]) -> int:
     import torch
 
-    nproc = None
+    nproc, check_plan = None, "--check-plan" in args
+    args = [a for a in args if a != "--check-plan"]
     if args[:1] == ["--nproc"]:
         nproc, args = int(args[1]), args[2:]
     from launcher.config import validate
@@ -51,6 +54,10 @@ def cmd_launch(args: list[str]) -> int:
     if nproc is None:
         nproc = torch.cuda.device_count() or 2
     validate(cfg, nproc)
+    if check_plan:
+        from launcher.plan import check_for_launch
+
+        check_for_launch(cfg, nproc)  # refuse, before any rank starts, a run that does not fit the GPUs
     if not any(a.startswith("run_dir=") for a in args):
         # One run dir for all ranks, fixed before they start.
         args = [*args, f"run_dir={Path(cfg.run_dir).resolve()}"]
@@ -155,6 +162,12 @@ def cmd_check(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: list[str]) -> int:
+    from launcher.plan import cli
+
+    return cli(args, _compose)
+
+
 def cmd_config(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
@@ -169,6 +182,7 @@ COMMANDS = {
     "preview": cmd_preview,
     "check": cmd_check,
     "config": cmd_config,
+    "plan": cmd_plan,
 }
 
 
