@@ -70,3 +70,33 @@ def test_rank_dies_under_torchrun_ends_the_job(tmp_path):
     out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", "train.resume=auto")
     assert f"resumed at step {last}" in out, out[-2000:]
     print(f"job ended {took:.1f}s after rank 1 was killed; checkpoint step{last} loads")
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_rank_dies_silently_the_collective_timeout_ends_the_job(tmp_path):
+    """Rank 1 stopped (SIGSTOP: alive, its connections open, answering nothing), as a hung GPU or node would be:
+    the other rank's collective times out after deepspeed.timeout_minutes and the job ends, naming the timeout."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, SHORT_TIMEOUT]
+    cmd += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
+    with open(tmp_path / "job.log", "w") as out:
+        job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while logged_steps(run_dir) < 4 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pid = rank_pid(run_dir, 1)
+    assert pid is not None and job.poll() is None, "the job was not training"
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        code = job.wait(timeout=240)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL) if job.poll() is None else None
+        for leftover in ranks_running(run_dir):
+            os.kill(leftover, signal.SIGKILL)
+    took, log = time.time() - stopped, (tmp_path / "job.log").read_text()
+    assert code != 0 and 30 <= took < 150, (code, took, log[-3000:])
+    # rank 0's collective timed out; torchrun then gave the stopped rank 30 s to end before SIGKILL.
+    assert "Timed out waiting 30000ms" in log and "rank      : 1" in log, log[-3000:]
+    print(f"job ended {took:.1f}s after rank 1 stopped answering (collective timeout 30 s)")
