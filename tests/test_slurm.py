@@ -84,6 +84,7 @@ def sbatch(args: list[str], cwd, env_extra: dict | None = None) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+@pytest.mark.multinode
 def test_slurm_two_node_zero3_job_trains_and_exports(two_nodes, tmp_path):
     """`sbatch --nodes=2` of the real batch script: one ZeRO-3 job over gloo, a rank on each node, the
     rendezvous on the first node's address; it trains and exports a loadable Hugging Face model."""
@@ -209,3 +210,16 @@ def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path):
     out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", "train.resume=auto")
     assert f"resumed at step {last}" in out, out[-2000:]
     print(f"job ended {took:.1f}s after rank 1 was killed; checkpoint step{last} loads")
+
+
+@pytest.mark.badinput
+def test_slurm_check_plan_refuses_a_run_that_does_not_fit(cluster, tmp_path):
+    """CHECK_PLAN: the job runs `sft plan --check` first and fails, before srun starts a rank, naming the gap."""
+    args = ["--time=5", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON]
+    job = sbatch([*args, f"run_dir={tmp_path / 'run'}"], tmp_path, {"CHECK_PLAN": "--gpu-memory-gb 0.5"})
+    state = wait_for_job(job, 300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert state == "FAILED" and job_field(job, "ExitCode") == "2:0", (state, logs[-3000:])
+    assert "error: the plan does not fit" in logs and "world size 2 = 1 nodes x 2 GPUs" in logs, logs[-3000:]
+    assert "srun" not in logs and not (tmp_path / "run").exists()
