@@ -18,7 +18,7 @@ CONF=/etc/slurm/slurm.conf
 MARK="# sft-launcher local cluster"
 
 stop() {  # by pid file: only the daemons this configuration started
-  for pidfile in /run/slurmd-*.pid /run/slurmctld.pid; do
+  for pidfile in /run/slurmd-*.pid /run/slurmd.pid /run/slurmctld.pid; do  # slurmd.pid: the older one-node setup
     [ -s "$pidfile" ] || continue
     pid=$(cat "$pidfile")
     kill "$pid" 2>/dev/null || true
