@@ -138,8 +138,10 @@ def test_a_failing_rank_fails_the_job(cluster, tmp_path):
 
 @pytest.mark.resume
 @pytest.mark.faults
-def test_slurm_preempt_checkpoints_requeues_and_resumes_exactly(two_nodes, tmp_path, straight):  # noqa: F811
-    """SIGUSR1 (Slurm's warning before the time limit) to a running two-node job after its first checkpoint:
+@pytest.mark.parametrize("sig", ["USR1", "TERM"], ids=["time_limit_usr1", "preemption_term"])
+def test_slurm_preempt_checkpoints_requeues_and_resumes_exactly(two_nodes, tmp_path, straight, sig):  # noqa: F811
+    """SIGUSR1 (Slurm's warning before the time limit, `--signal`) or SIGTERM (what a preemption sends the job
+    steps during the partition's GraceTime) to a running two-node job after its first checkpoint:
     the ranks agree on a step, checkpoint, exit with the lifecycle's code, the script requeues the job, and the
     requeued job (same id, so same run dir) resumes with the same losses as an uninterrupted run, appending to
     the same metrics.jsonl and continuing the same wandb run."""
@@ -161,21 +163,23 @@ def test_slurm_preempt_checkpoints_requeues_and_resumes_exactly(two_nodes, tmp_p
         time.sleep(0.05)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert (run_dir / "checkpoints" / "latest").exists(), "no checkpoint while running:\n" + logs[-3000:]
-    subprocess.run(
-        ["scancel", "--signal=USR1", job], check=True, timeout=30
-    )  # to the ranks, as --signal does
+    # To the job steps' tasks (the ranks), not the batch shell, as --signal and a preemption's SIGTERM do.
+    subprocess.run(["scancel", f"--signal={sig}", job], check=True, timeout=30)
     state = wait_for_job(job, 600)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert state == "COMPLETED" and job_field(job, "Restarts") == "1", (state, logs[-4000:])
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name], "one run dir"
-    stopped = int(re.search(r"stopped on SIGUSR1 after step (\d+)", logs).group(1))
+    stopped = int(re.search(rf"stopped on SIG{sig} after step (\d+)", logs).group(1))
     assert 2 <= stopped < 8 and f"resumed at step {stopped}" in logs, logs[-4000:]
     assert "requeueing" in logs and "job " + job + ": the run finished" in logs
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9)), "one file, both attempts' steps"
     got = train_rows(run_dir)
     assert_same_steps(got, want)
-    print("preempted at", stopped, [(s, got[s]["loss"], want[s]["loss"]) for s in range(1, 9)])
+    print(
+        f"SIG{sig}: stopped after step {stopped};",
+        [(s, got[s]["loss"], want[s]["loss"]) for s in range(1, 9)],
+    )
     wandb_id = (run_dir / "wandb_id").read_text().strip()
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and {p.name.rsplit("-", 1)[1] for p in attempts} == {wandb_id}, attempts
