@@ -35,15 +35,15 @@ def rank_pid(run_dir: Path, rank: int) -> int | None:
     return None
 
 
-def kill_rank_after_checkpoint(run_dir: Path, rank: int, running) -> float:
-    """SIGKILL `rank` once step 4 (after the step-3 checkpoint) is logged; returns the time of the kill.
-    `running()` tells whether the job still runs."""
+def kill_rank_after_checkpoint(run_dir: Path, rank: int, running, sig: int = signal.SIGKILL) -> float:
+    """Signal `rank` (SIGKILL: dies; SIGSTOP: hangs) once step 4 (after the step-3 checkpoint) is logged;
+    returns the time of the signal. `running()` tells whether the job still runs."""
     deadline = time.time() + 300
     while logged_steps(run_dir) < 4 and running() and time.time() < deadline:
         time.sleep(0.05)
     pid = rank_pid(run_dir, rank)
     assert pid is not None and running(), "the job was not training"
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
     return time.time()
 
 

@@ -186,9 +186,13 @@ def test_slurm_preempt_checkpoints_requeues_and_resumes_exactly(two_nodes, tmp_p
 
 
 @pytest.mark.faults
-def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path):
-    """Rank 1 (on the second node) SIGKILLed mid-training: srun --kill-on-bad-exit ends the step, the job fails
-    within a bounded time naming the lost task, no rank is left running, the last checkpoint loads."""
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path, how):
+    """Rank 1 (on the second node) SIGKILLed, or stopped (SIGSTOP: alive, answering nothing) mid-training: the
+    job fails within a bounded time naming the lost task, no rank is left running, the last checkpoint loads.
+    A hung rank shows the short collective timeout (30 s here) and srun --kill-on-bad-exit: rank 0's collective
+    times out and its exit ends the step; without the flag the stopped rank would hold the job to its limit."""
+    import signal
     import time
 
     from tests.test_lifecycle import SHORT_TIMEOUT, kill_rank_after_checkpoint
@@ -199,13 +203,18 @@ def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path):
     args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON, SHORT_TIMEOUT]
     args += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
     job = sbatch(args, tmp_path)
-    killed = kill_rank_after_checkpoint(
-        run_dir, 1, lambda: job_field(job, "JobState") in ("PENDING", "RUNNING")
-    )
+    running = lambda: job_field(job, "JobState") in ("PENDING", "RUNNING")  # noqa: E731
+    sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
+    killed = kill_rank_after_checkpoint(run_dir, 1, running, sig)
     state = wait_for_job(job, 300)
     took, logs = time.time() - killed, "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert state == "FAILED" and took < 120, (state, took, logs[-3000:])
-    assert re.search(r"srun: error: \S+: task 1: Killed", logs), logs[-3000:]
+    if how == "killed":
+        assert re.search(r"srun: error: \S+: task 1: Killed", logs), logs[-3000:]
+    else:
+        assert took >= 30 and "Timed out waiting 30000ms" in logs, (took, logs[-3000:])
+        assert re.search(r"srun: error: \S+: task 0: Exited with exit code 1", logs), logs[-3000:]
+        assert re.search(r"srun: error: \S+: task 1: ", logs), logs[-3000:]
     assert "training failed with exit code" in logs and "not requeued" in logs
     assert job_field(job, "Restarts") == "0"
     time.sleep(1)
@@ -213,7 +222,7 @@ def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path):
     last = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
     out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", "train.resume=auto")
     assert f"resumed at step {last}" in out, out[-2000:]
-    print(f"job ended {took:.1f}s after rank 1 was killed; checkpoint step{last} loads")
+    print(f"job ended {took:.1f}s after rank 1 was {how}; checkpoint step{last} loads")
 
 
 @pytest.mark.badinput
