@@ -311,7 +311,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
         if step < t.max_steps and (signame := stop.agreed(device)):  # one all-reduce; every rank agrees
-            ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
+            if not (t.save_every and step % t.save_every == 0):  # unless saved just above
+                ds_engine.save_checkpoint(eng, run_dir / "checkpoints", step, {"step": step})
             logger.close()
             raise lifecycle.Preempted(step, signame)
 
