@@ -6,6 +6,8 @@
     sft preview [-n N] [overrides]       print N examples with trained tokens marked, and the data report
     sft check [overrides]                compare packed vs per-document logits of the configured model
     sft config [overrides]               print the composed config
+    sft plan [--nodes N --gpus-per-node G --gpu-memory-gb M] [--json] [--check] [overrides]
+                                         world size, batch, steps, DeepSpeed JSON and per-GPU memory: fits?
 
     sft <command> --help                 that command's usage; sft --version
 
@@ -36,6 +38,10 @@ COMMAND_USAGE = {
     "check": "sft check [overrides]\n\nCompares packed vs per-document logits of the configured model and "
     "backend.",
     "config": "sft config [overrides]\n\nPrints the composed config (every key and its value).",
+    "plan": "sft plan [--nodes N --gpus-per-node G --gpu-memory-gb M] [--json] [--check] [overrides]\n\n"
+    "Reads the model's config.json (no weights), the data and DeepSpeed config, and prints the world size, "
+    "batch, tokens per step, steps per epoch, the resolved DeepSpeed JSON and the per-GPU memory against the "
+    "GPU's, with what would fit; --check exits 2 when it does not fit.",
 }
 
 
@@ -73,13 +79,17 @@ def _world_size() -> int:
 def cmd_train(overrides: list[str]) -> int:
     import torch
 
-    from launcher import preflight
+    from launcher import lifecycle, preflight
 
     cfg = _compose(overrides)
     preflight.check(cfg, _world_size(), "cuda" if torch.cuda.is_available() else "cpu")
     from launcher.train import train
 
-    train(cfg)  # ends with a barrier: every rank has finished writing
+    try:
+        train(cfg)  # ends with a barrier: every rank has finished writing
+    except lifecycle.Preempted as e:
+        print(f"rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+        return lifecycle.EXIT_PREEMPTED
     return 0
 
 
@@ -101,7 +111,8 @@ def parse_nproc(args: list[str]) -> tuple[int | None, list[str]]:
 
 
 def cmd_launch(args: list[str]) -> int:
-    nproc, args = parse_nproc(args)
+    check_plan = "--check-plan" in args
+    nproc, args = parse_nproc([a for a in args if a != "--check-plan"])
     cfg = _compose(args)  # fail here, before starting processes, on a bad config
     import torch
 
@@ -110,6 +121,10 @@ def cmd_launch(args: list[str]) -> int:
     if nproc is None:
         nproc = torch.cuda.device_count() or 2
     preflight.check(cfg, nproc, "cuda" if torch.cuda.is_available() else "cpu")
+    if check_plan:
+        from launcher.plan import check_for_launch
+
+        check_for_launch(cfg, nproc)  # refuse, before any rank starts, a run that does not fit the GPUs
     run_dir = Path(cfg.run_dir).resolve()
     # One run dir for all ranks, fixed before they start.
     args = [a for a in args if not a.startswith("run_dir=")] + [f"run_dir={run_dir}"]
@@ -263,6 +278,12 @@ def cmd_check(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: list[str]) -> int:
+    from launcher.plan import cli
+
+    return cli(args, _compose)
+
+
 def cmd_config(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
@@ -277,6 +298,7 @@ COMMANDS = {
     "preview": cmd_preview,
     "check": cmd_check,
     "config": cmd_config,
+    "plan": cmd_plan,
 }
 
 

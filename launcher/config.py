@@ -247,8 +247,9 @@ class DeepSpeedConfig:
     """Your own DeepSpeed JSON; its keys override the generated ones."""
     overlap_comm: bool = True
     """Overlap gradient reduction with backward."""
-    timeout_minutes: int = 30
-    """Collective timeout."""
+    timeout_minutes: float = 10.0
+    """Timeout of training collectives: a rank that stops answering (hung, or lost without its connections
+    closing) fails the job after this long. Data preparation waits on a group of its own, with hours."""
 
 
 @dataclass

@@ -40,7 +40,7 @@ def accelerator_name() -> str:
     return "cuda"
 
 
-def init_distributed(timeout_minutes: int) -> DistInfo:
+def init_distributed(timeout_minutes: float) -> DistInfo:
     """Join the process group set up by torchrun / the deepspeed launcher / srun (or run single-process)."""
     accel = accelerator_name()
     import deepspeed

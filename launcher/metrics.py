@@ -42,19 +42,19 @@ class RunLogger(NullLogger):
         if mode != "disabled":
             import wandb
 
-            # One wandb run per run dir: a resumed or requeued job continues the run it started.
+            # One wandb run per run dir: a resumed or requeued job continues the run whose id is kept there.
             id_file = run_dir / "wandb_id"
-            if not id_file.exists():
-                id_file.write_text(secrets.token_hex(4))
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
+                id=run_id,
+                resume="allow",
                 project=log_cfg.project,
                 entity=log_cfg.entity,
                 name=log_cfg.run_name or run_dir.name,
                 dir=str(run_dir),
                 mode=mode,
                 config=config,
-                id=id_file.read_text().strip(),
-                resume="allow",
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
             )
         self.bar = None
@@ -68,8 +68,7 @@ class RunLogger(NullLogger):
         record = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._wandb(lambda run: run.log(metrics, step=step))
 
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -77,15 +76,27 @@ class RunLogger(NullLogger):
             self.bar.set_postfix(postfix, refresh=True)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+        self._wandb(lambda run: run.summary.update(values))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        self._wandb(lambda run: run.finish())
+
+    def _wandb(self, call: Any) -> None:
+        """A wandb call that cannot end the run: Slurm's stop signal (preemption) reaches wandb's service process
+        too, and a rank whose next log call then fails would never reach the step boundary and its checkpoint.
+        metrics.jsonl keeps every record; wandb stops here, saying so once."""
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as e:  # the service is gone: its socket or process
+            print(
+                f"wandb: stopped logging ({type(e).__name__}: {e}); metrics.jsonl has every step", flush=True
+            )
+            self.wandb_run = None
 
 
 def build_logger(

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from launcher import checkpoint
+from launcher import checkpoint, lifecycle
 from launcher import engine as ds_engine
 from launcher.attention import choose_backend
 from launcher.config import validate
@@ -203,6 +203,7 @@ def train_step(
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final metrics (rank 0 also prints them)."""
+    stop = lifecycle.StopRequest().install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
     info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
     validate(cfg, world)
@@ -318,6 +319,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             say(rank, f"step {step}: eval_loss {ev['eval_loss']:.4f} (train loss {out['loss']:.4f})")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             save(state, say=lambda msg: say(rank, msg))
+        if state.step < t.max_steps and (signame := stop.agreed(device)):  # one all-reduce; every rank agrees
+            if not (t.save_every and step % t.save_every == 0):  # unless saved just above
+                save(state, say=lambda msg: say(rank, msg))
+            logger.close()
+            raise lifecycle.Preempted(step, signame)
 
     # ---- finish: eval, checkpoint, export ----
     if start_step >= t.max_steps:

@@ -1,4 +1,6 @@
-"""`slurm/sft.sbatch` on a real (local, one-node) Slurm cluster: srun's tasks find each other and train."""
+"""`slurm/sft.sbatch` on a real local Slurm cluster of two nodes (`slurm/local-cluster.sh`): srun's tasks find
+each other across nodes and train; a signalled job checkpoints, requeues itself and resumes exactly; a dead rank
+ends the job."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_resume import COMMON
+from tests.test_resume import COMMON, assert_same_steps, straight, train_rows  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -28,6 +30,80 @@ def cluster():
         pytest.skip(f"no Slurm controller answers: {probe.stderr.strip()[:200]}")
     if not {"idle", "mix", "alloc"} & set(probe.stdout.split()):
         pytest.skip(f"the Slurm cluster has no node up (node states: {probe.stdout.split()})")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(cluster):
+    """Names of the cluster's first two nodes that are up (slurm/local-cluster.sh starts two)."""
+    probe = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
+    up = [
+        line.split()[0] for line in probe.stdout.splitlines() if line.split()[1] in ("idle", "mix", "alloc")
+    ]
+    if len(up) < 2:
+        pytest.skip(f"two Slurm nodes needed, up: {up} (slurm/local-cluster.sh starts two)")
+    return up[:2]
+
+
+def job_field(job: str, key: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    found = re.search(rf"\b{key}=(\S+)", out)
+    return found.group(1) if found else ""
+
+
+def wait_for_job(job: str, timeout: float) -> str:
+    """Poll until the job has ended (requeues included); returns its final state."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_field(job, "JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job], timeout=30)
+    raise AssertionError(f"job {job} did not end within {timeout}s (state {job_field(job, 'JobState')})")
+
+
+def launched_on(job: str) -> list[str]:
+    """Nodes whose slurmd log records launching a task of the job's first step."""
+    from pathlib import Path
+
+    return sorted(
+        p.stem.removeprefix("slurmd-")
+        for p in Path("/var/log/slurm").glob("slurmd-*.log")
+        if f"launch task StepId={job}.0 " in p.read_text(errors="replace")
+    )
+
+
+def sbatch(args: list[str], cwd, env_extra: dict | None = None) -> str:
+    """Submit slurm/sft.sbatch (not waiting); returns the job id."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    cmd = ["sbatch", "--parsable", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env={**env, **(env_extra or {})}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+@pytest.mark.multinode
+def test_slurm_two_node_zero3_job_trains_and_exports(two_nodes, tmp_path):
+    """`sbatch --nodes=2` of the real batch script: one ZeRO-3 job over gloo, a rank on each node, the
+    rendezvous on the first node's address; it trains and exports a loadable Hugging Face model."""
+    run_dir = tmp_path / "run"
+    args = ["--time=10", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON]
+    args += ["train.max_steps=2", "train.warmup_steps=1", "train.export=true", f"run_dir={run_dir}"]
+    job = sbatch([*args, f"cache_dir={tmp_path / 'cache'}"], tmp_path)
+    state = wait_for_job(job, 600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert state == "COMPLETED", logs[-4000:]
+    assert f"2 tasks on {job_field(job, 'NodeList')}" in logs and "x 2 ranks" in logs, logs[-3000:]
+    assert launched_on(job) == sorted(two_nodes), "one rank on each node"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    assert model.config.num_hidden_layers == 2
 
 
 def test_sbatch_script_trains_with_two_tasks(cluster, tmp_path):
@@ -56,3 +132,105 @@ def test_a_failing_rank_fails_the_job(cluster, tmp_path):
     # The launcher's own one-line error (srun adds lines of its own, "srun: error: ...").
     assert re.search(r"^error( \(rank \d\))?: invalid config: train.max_steps=-1 must be", logs, re.M), logs
     assert "Traceback" not in logs, logs[-3000:]
+
+
+@pytest.mark.resume
+@pytest.mark.faults
+@pytest.mark.parametrize("sig", ["USR1", "TERM"], ids=["time_limit_usr1", "preemption_term"])
+def test_slurm_preempt_checkpoints_requeues_and_resumes_exactly(two_nodes, tmp_path, straight, sig):  # noqa: F811
+    """SIGUSR1 (Slurm's warning before the time limit, `--signal`) or SIGTERM (what a preemption sends the job
+    steps during the partition's GraceTime) to a running two-node job after its first checkpoint:
+    the ranks agree on a step, checkpoint, exit with the lifecycle's code, the script requeues the job, and the
+    requeued job (same id, so same run dir) resumes with the same losses as an uninterrupted run, appending to
+    the same metrics.jsonl and continuing the same wandb run."""
+    import time
+
+    want, cache = straight
+    args = ["--time=10", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch")]
+    overrides = [o for o in COMMON if not o.startswith("logging.wandb_mode")] + ["logging.wandb_mode=offline"]
+    # The default run dir (runs/slurm-<job id> under the submit dir) and the default train.resume=auto.
+    job = sbatch(
+        [*args, *overrides, "train.max_steps=8", "train.save_every=2", f"cache_dir={cache}"], tmp_path
+    )
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "latest").exists() and time.time() < deadline:
+        if job_field(job, "JobState") not in ("PENDING", "RUNNING"):
+            break
+        time.sleep(0.05)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert (run_dir / "checkpoints" / "latest").exists(), "no checkpoint while running:\n" + logs[-3000:]
+    # To the job steps' tasks (the ranks), not the batch shell, as --signal and a preemption's SIGTERM do.
+    subprocess.run(["scancel", f"--signal={sig}", job], check=True, timeout=30)
+    state = wait_for_job(job, 600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert state == "COMPLETED" and job_field(job, "Restarts") == "1", (state, logs[-4000:])
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name], "one run dir"
+    stopped = int(re.search(rf"stopped on SIG{sig} after step (\d+)", logs).group(1))
+    assert 2 <= stopped < 8 and f"resumed at step {stopped}" in logs, logs[-4000:]
+    assert "requeueing" in logs and "job " + job + ": the run finished" in logs
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9)), "one file, both attempts' steps"
+    got = train_rows(run_dir)
+    assert_same_steps(got, want)
+    print(
+        f"SIG{sig}: stopped after step {stopped};",
+        [(s, got[s]["loss"], want[s]["loss"]) for s in range(1, 9)],
+    )
+    wandb_id = (run_dir / "wandb_id").read_text().strip()
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and {p.name.rsplit("-", 1)[1] for p in attempts} == {wandb_id}, attempts
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path, how):
+    """Rank 1 (on the second node) SIGKILLed, or stopped (SIGSTOP: alive, answering nothing) mid-training: the
+    job fails within a bounded time naming the lost task, no rank is left running, the last checkpoint loads.
+    A hung rank shows the short collective timeout (30 s here) and srun --kill-on-bad-exit: rank 0's collective
+    times out and its exit ends the step; without the flag the stopped rank would hold the job to its limit."""
+    import signal
+    import time
+
+    from tests.test_lifecycle import SHORT_TIMEOUT, kill_rank_after_checkpoint
+    from tests.test_resume import launch, ranks_running
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["--time=10", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON, SHORT_TIMEOUT]
+    args += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
+    job = sbatch(args, tmp_path)
+    running = lambda: job_field(job, "JobState") in ("PENDING", "RUNNING")  # noqa: E731
+    sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
+    killed = kill_rank_after_checkpoint(run_dir, 1, running, sig)
+    state = wait_for_job(job, 300)
+    took, logs = time.time() - killed, "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert state == "FAILED" and took < 120, (state, took, logs[-3000:])
+    if how == "killed":
+        assert re.search(r"srun: error: \S+: task 1: Killed", logs), logs[-3000:]
+    else:
+        assert took >= 30 and "Timed out waiting 30000ms" in logs, (took, logs[-3000:])
+        assert re.search(r"srun: error: \S+: task 0: Exited with exit code 1", logs), logs[-3000:]
+        assert re.search(r"srun: error: \S+: task 1: ", logs), logs[-3000:]
+    assert "training failed with exit code" in logs and "not requeued" in logs
+    assert job_field(job, "Restarts") == "0"
+    time.sleep(1)
+    assert not ranks_running(run_dir), "a rank outlived the job"
+    last = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", "train.resume=auto")
+    assert f"resumed at step {last}" in out, out[-2000:]
+    print(f"job ended {took:.1f}s after rank 1 was {how}; checkpoint step{last} loads")
+
+
+@pytest.mark.badinput
+def test_slurm_check_plan_refuses_a_run_that_does_not_fit(cluster, tmp_path):
+    """CHECK_PLAN: the job runs `sft plan --check` first and fails, before srun starts a rank, naming the gap."""
+    args = ["--time=5", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON]
+    job = sbatch([*args, f"run_dir={tmp_path / 'run'}"], tmp_path, {"CHECK_PLAN": "--gpu-memory-gb 0.5"})
+    state = wait_for_job(job, 300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert state == "FAILED" and job_field(job, "ExitCode") == "2:0", (state, logs[-3000:])
+    assert "error: the plan does not fit" in logs and "world size 2 = 1 nodes x 2 GPUs" in logs, logs[-3000:]
+    assert "srun" not in logs and not (tmp_path / "run").exists()

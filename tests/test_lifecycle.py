@@ -1,0 +1,102 @@
+"""A dead rank ends the job: one rank SIGKILLed mid-training while the other waits in a collective; the job
+exits non-zero within a bounded time, the lost rank is named, no process is left behind, and the last complete
+checkpoint still loads. (Under srun: tests/test_slurm.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_resume import COMMON, launch, logged_steps, ranks_running
+
+# Training collectives time out after 30 s here; data preparation keeps its own long timeout.
+SHORT_TIMEOUT = "deepspeed.timeout_minutes=0.5"
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` in this run (its environment says RANK=<rank> under
+    torchrun, SLURM_PROCID=<rank> under srun)."""
+    for pid in ranks_running(run_dir):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        mine = {f"RANK={rank}".encode(), f"SLURM_PROCID={rank}".encode()} & set(env)
+        if mine and b"train" in args and b"launch" not in args:
+            return pid
+    return None
+
+
+def kill_rank_after_checkpoint(run_dir: Path, rank: int, running, sig: int = signal.SIGKILL) -> float:
+    """Signal `rank` (SIGKILL: dies; SIGSTOP: hangs) once step 4 (after the step-3 checkpoint) is logged;
+    returns the time of the signal. `running()` tells whether the job still runs."""
+    deadline = time.time() + 300
+    while logged_steps(run_dir) < 4 and running() and time.time() < deadline:
+        time.sleep(0.05)
+    pid = rank_pid(run_dir, rank)
+    assert pid is not None and running(), "the job was not training"
+    os.kill(pid, sig)
+    return time.time()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_rank_dies_under_torchrun_ends_the_job(tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, SHORT_TIMEOUT]
+    cmd += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
+    with open(tmp_path / "job.log", "w") as out:
+        job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    killed = kill_rank_after_checkpoint(run_dir, 1, lambda: job.poll() is None)
+    try:
+        code = job.wait(timeout=120)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL) if job.poll() is None else None
+    took, log = time.time() - killed, (tmp_path / "job.log").read_text()
+    assert code != 0 and took < 90, (code, took, log[-3000:])
+    # torchrun's failure summary names the lost rank and how it died.
+    assert "rank      : 1" in log and "Signal 9 (SIGKILL)" in log, log[-3000:]
+    time.sleep(1)
+    assert not ranks_running(run_dir), "a rank or the agent outlived the job"
+    last = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", "train.resume=auto")
+    assert f"resumed at step {last}" in out, out[-2000:]
+    print(f"job ended {took:.1f}s after rank 1 was killed; checkpoint step{last} loads")
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_rank_dies_silently_the_collective_timeout_ends_the_job(tmp_path):
+    """Rank 1 stopped (SIGSTOP: alive, its connections open, answering nothing), as a hung GPU or node would be:
+    the other rank's collective times out after deepspeed.timeout_minutes and the job ends, naming the timeout."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, SHORT_TIMEOUT]
+    cmd += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
+    with open(tmp_path / "job.log", "w") as out:
+        job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while logged_steps(run_dir) < 4 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pid = rank_pid(run_dir, 1)
+    assert pid is not None and job.poll() is None, "the job was not training"
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        code = job.wait(timeout=240)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL) if job.poll() is None else None
+        for leftover in ranks_running(run_dir):
+            os.kill(leftover, signal.SIGKILL)
+    took, log = time.time() - stopped, (tmp_path / "job.log").read_text()
+    assert code != 0 and 30 <= took < 150, (code, took, log[-3000:])
+    # rank 0's collective timed out; torchrun then gave the stopped rank 30 s to end before SIGKILL.
+    assert "Timed out waiting 30000ms" in log and "rank      : 1" in log, log[-3000:]
+    print(f"job ended {took:.1f}s after rank 1 stopped answering (collective timeout 30 s)")

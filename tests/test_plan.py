@@ -1,0 +1,147 @@
+"""`sft plan`: the model-state estimate against DeepSpeed's own, the verdict, and the data statistics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+# Meta-Llama-3-8B's published hyperparameters (its config.json), no hub access.
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+
+def sft_plan(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launcher.cli", "plan", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def llama3_8b(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama3-8b")
+    (path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    return path
+
+
+def closed_form_params(c: dict) -> tuple[int, int]:
+    """(total, largest module) of a Llama from its hyperparameters: the inputs DeepSpeed's estimator needs."""
+    h, v, i, n = c["hidden_size"], c["vocab_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two norms
+    return 2 * v * h + n * layer + h, v * h  # untied embedding and head, final norm; the embedding is largest
+
+
+@pytest.mark.parametrize(
+    "ds_overrides, offload",
+    [
+        ([], (False, False)),
+        (["deepspeed.offload_optimizer=true"], (True, False)),
+        (["deepspeed=zero3_offload"], (True, True)),
+    ],
+    ids=["gpu", "offload_optimizer", "offload_params"],
+)
+def test_plan_model_states_agree_with_deepspeed_on_llama3_8b(llama3_8b, ds_overrides, offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    proc = sft_plan(
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory-gb",
+        "80",
+        "--json",
+        "model=hf",
+        f"model.name_or_path={llama3_8b}",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=1",
+        "data.max_length=8192",
+        *ds_overrides,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    total, largest = closed_form_params(LLAMA3_8B)
+    assert plan["world_size"] == 16 and plan["model"]["params"] == total == 8_030_261_248
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total,
+        largest,
+        num_gpus_per_node=8,
+        num_nodes=2,
+        cpu_offload=offload[0],
+        cpu_offload_params=offload[1],
+    )
+    ours = plan["per_gpu_gb"]["model_states"]
+    print(
+        f"model states per GPU, Llama-3-8B on 2 x 8 GPUs {offload}: plan {ours:.3f} GB, "
+        f"DeepSpeed {ds_gpu / 2**30:.3f} GB"
+    )
+    assert ours == pytest.approx(ds_gpu / 2**30, rel=0.15)
+    per_gpu = plan["per_gpu_gb"]
+    assert per_gpu["total"] > per_gpu["model_states"] + per_gpu["activations"] > per_gpu["model_states"]
+
+
+@pytest.mark.badinput
+def test_plan_says_what_does_not_fit_and_what_would(llama3_8b):
+    args = [
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "model=hf",
+        f"model.name_or_path={llama3_8b}",
+        "model.gradient_checkpointing=false",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=4",
+        "data.max_length=8192",
+    ]
+    small = json.loads(sft_plan("--gpu-memory-gb", "40", "--json", *args).stdout)
+    assert not small["fits"] and small["per_gpu_gb"]["total"] > 40
+    assert any("gradient_checkpointing=true" in s for s in small["would_fit"]), small["would_fit"]
+    # The activations without checkpointing dwarf those with it at 4 x 8192 tokens.
+    assert (
+        small["per_gpu_gb"]["activations_no_checkpointing"]
+        > 4 * small["per_gpu_gb"]["activations_checkpointing"]
+    )
+    check = sft_plan("--gpu-memory-gb", "40", "--check", *args)
+    assert check.returncode == 2 and "error: the plan does not fit" in check.stderr, check.stderr
+    assert "DOES NOT FIT" in check.stdout and "would fit:" in check.stdout
+    big = sft_plan("--gpu-memory-gb", "1000", "--check", *args)
+    assert big.returncode == 0 and "fits" in big.stdout.splitlines()[-1], big.stdout[-1000:]
+
+
+def test_plan_reads_the_prepared_data(tmp_path):
+    """Once the data is prepared, the plan counts steps per epoch and tokens from the real packed rows."""
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    before = json.loads(sft_plan("--json", "--gpus-per-node", "2", cache).stdout)
+    assert before["steps_per_epoch"] is None and before["data"]["source"].startswith("not prepared")
+    prep = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "prepare", cache],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    rows = json.loads(prep.stdout.splitlines()[-1])  # the cache line; the report is in the table above
+    after = json.loads(sft_plan("--json", "--gpus-per-node", "2", cache).stdout)
+    report = json.loads((next((tmp_path / "cache").glob("prepared-*")) / "meta.json").read_text())["report"]
+    assert after["data"]["source"] == f"prepared cache {rows['path']}"
+    assert after["steps_per_epoch"] == report["train"]["packed_rows"] // after["global_batch_size"] > 0
+    assert after["tokens_per_step"] < before["tokens_per_step"]  # packed rows are not all full
