@@ -145,7 +145,7 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
 
     import torch
 
-    from launcher.rankerrors import ERROR_DIR_ENV, first_error
+    from launcher.rankerrors import ERROR_DIR_ENV, first_error, lost_ranks
 
     errors = run_dir / "logs" / "errors"
     shutil.rmtree(errors, ignore_errors=True)  # a previous attempt's errors are not this one's
@@ -170,9 +170,14 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
     code = subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(me))
     if not code:  # on success rank 0's `run_dir:` stays the last line
         return 0
-    err = first_error(errors)
+    err, lost = first_error(errors), lost_ranks(errors)
+    took = f"after {time.time() - t0:.1f}s"
+    if lost:  # a rank killed outright says nothing; the others only see a broken or timed-out collective
+        then = f"; then rank {err['rank']}: {err['message']}" if err else ""
+        print(f"error: {', '.join(lost)} died {took} and the job ended{then}", file=sys.stderr)
+        return 1
     if err is None:
-        print(f"error: launch failed after {time.time() - t0:.1f}s with exit code {code}", file=sys.stderr)
+        print(f"error: launch failed {took} with exit code {code}", file=sys.stderr)
         return 1
     kind = "error" if err["user"] else "internal error"
     print(f"{kind} (rank {err['rank']}): {err['message']} [traceback: {err['traceback']}]", file=sys.stderr)

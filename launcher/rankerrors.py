@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ERROR_DIR_ENV = "SFT_ERROR_DIR"
+AGENT_FILE = "agent.json"  # the torchrun agent's account of the ranks that failed
 
 
 def one_line(e: BaseException) -> str:
@@ -61,6 +62,17 @@ def first_error(where: Path) -> dict[str, Any] | None:
     return min(errors, key=lambda x: (x["time"], x["rank"])) if errors else None
 
 
+def lost_ranks(where: Path) -> list[str]:
+    """Ranks that died without a word of their own (killed by a signal: SIGKILL, the OOM killer, a node lost),
+    as `rank N (SIGKILL)`, from the agent's account."""
+    try:
+        ended = json.loads((where / AGENT_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    spoke = {int(f.stem[4:]) for f in where.glob("rank*.json")}
+    return [f"rank {e['rank']} ({e['signal']})" for e in ended if e["signal"] and e["rank"] not in spoke]
+
+
 def run_agent(argv: list[str]) -> int:
     """torchrun's agent without its failure report: the ranks' own error files say what happened."""
     import logging
@@ -74,6 +86,14 @@ def run_agent(argv: list[str]) -> int:
         run(parse_args(argv))
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
+        where = os.environ.get(ERROR_DIR_ENV)
+        if where:  # how each rank ended, for the launcher's one line (a killed rank writes nothing itself)
+            ended = [
+                {"rank": rank, "exitcode": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else ""}
+                for rank, f in e.failures.items()
+            ]
+            Path(where).mkdir(parents=True, exist_ok=True)
+            (Path(where) / AGENT_FILE).write_text(json.dumps(ended))
         return next((c for c in codes if c > 0), 1)
     except KeyboardInterrupt:
         return 130

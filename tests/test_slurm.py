@@ -14,7 +14,13 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_resume import COMMON, assert_same_steps, straight, train_rows  # noqa: F401 (a fixture)
+from tests.test_resume import (  # noqa: F401 (fixtures)
+    COMMON,
+    assert_same_steps,
+    straight,
+    straight_run,
+    train_rows,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -218,7 +224,8 @@ def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path, how):
     time.sleep(1)
     assert not ranks_running(run_dir), "a rank outlived the job"
     last = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
-    out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", "train.resume=auto")
+    resume = ["train.resume=auto", "train.allow_config_change=true"]  # a shorter run: fewer warmup steps
+    out = launch(run_dir, cache, f"train.max_steps={last + 1}", "train.warmup_steps=1", *resume)
     assert f"resumed at step {last}" in out, out[-2000:]
     print(f"job ended {took:.1f}s after rank 1 was {how}; checkpoint step{last} loads")
 
