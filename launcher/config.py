@@ -233,6 +233,9 @@ class TrainConfig:
     """Held-out rows used for exact-match accuracy."""
     max_new_tokens: int = 32
     """Generation length for exact-match accuracy."""
+    tiled_loss: str = "auto"
+    """LM head + cross-entropy over tiles of target tokens, so the [tokens, vocab] logits never exist whole
+    (`auto`: on for vocabularies of 32k or more; true/false)."""
 
 
 @dataclass
@@ -367,6 +370,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                 "train.exact_match_eval=true but there is no eval data: set data.eval_fraction or "
                 "data.eval_size, add eval sources, or set train.exact_match_eval=false"
             )
+    need(
+        str(t.tiled_loss).lower() in ("auto", "true", "false"),
+        "train.tiled_loss",
+        t.tiled_loss,
+        "auto, true or false",
+    )
     if t.keep_last < 0:
         problems.append(f"train.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if t.resume == "auto" and "${now:" in str(cfg._get_node("run_dir")._value()):

@@ -36,7 +36,7 @@ from launcher.data.packing import doc_lengths
 from launcher.data.pipeline import Prepared, cached_prepare, format_report
 from launcher.evaluate import check_packing, eval_loss, exact_match
 from launcher.export import export_hf, verify_export
-from launcher.loss import count_targets, target_token_loss
+from launcher.loss import count_targets, target_token_loss, tiled_target_token_loss, use_tiled_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 
@@ -171,9 +171,17 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def train_step(
-    eng: Any, my_rows: list[dict], micro: int, attention: str, device: torch.device, pad_id: int, world: int
+    eng: Any,
+    my_rows: list[dict],
+    micro: int,
+    attention: str,
+    device: torch.device,
+    pad_id: int,
+    world: int,
+    loss_fn: Any = target_token_loss,
 ) -> dict[str, float]:
-    """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens."""
+    """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens.
+    `loss_fn(engine, batch)` returns (summed loss, target count): `target_token_loss` or its tiled variant."""
     n_local = count_targets(my_rows)
     counts = torch.tensor(
         [n_local, sum(len(r["input_ids"]) for r in my_rows)], dtype=torch.float64, device=device
@@ -184,7 +192,7 @@ def train_step(
     counted = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(my_rows), micro):
         b = collate(my_rows[i : i + micro], attention, pad_id, device=device)
-        loss_sum, n_targets = target_token_loss(eng, b)
+        loss_sum, n_targets = loss_fn(eng, b)
         counted += n_targets
         # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum.
         ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
@@ -251,6 +259,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"{'bf16' if bf16 else 'fp32'}, attention={attention} ({why}), "
         f"ZeRO stage {ds_config['zero_optimization']['stage']}",
     )
+    tiled = use_tiled_loss(t.tiled_loss, model.config)
+    loss_fn = tiled_target_token_loss if tiled else target_token_loss
+    say(rank, f"loss: {'tiled' if tiled else 'untiled'} LM head (train.tiled_loss={t.tiled_loss})")
     optimizer, scheduler_factory = build_optimizer(model, t)
     eng = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config)
     scheduler = eng.lr_scheduler
@@ -289,7 +300,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     while state.step < t.max_steps:
         my_rows = [data.train_rows[i] for i in next(steps)]
         t_step = time.time()
-        out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world)
+        out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world, loss_fn)
         state.advance(out)
         step, dt = state.step, time.time() - t_step
 
