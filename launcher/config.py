@@ -233,6 +233,9 @@ class TrainConfig:
     """Held-out rows used for exact-match accuracy."""
     max_new_tokens: int = 32
     """Generation length for exact-match accuracy."""
+    sequence_parallel_size: int = 1
+    """Ulysses sequence parallelism: S consecutive ranks share each packed row (T/S tokens each); data
+    parallelism is world / S, and global_batch_size counts rows over the world / S data-parallel ranks."""
     tiled_loss: str = "auto"
     """LM head + cross-entropy over tiles of target tokens, so the [tokens, vocab] logits never exist whole
     (`auto`: on for vocabularies of 32k or more; true/false)."""
@@ -315,13 +318,24 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if not ok:
             problems.append(f"{key}={value} must be {domain}")
 
-    per_step = t.micro_batch_size * world_size
+    sp = t.sequence_parallel_size
+    need(
+        sp >= 1 and world_size % sp == 0,
+        "train.sequence_parallel_size",
+        sp,
+        f"a divisor of the world size ({world_size})",
+    )
+    dp = world_size // sp if sp >= 1 and world_size % sp == 0 else world_size  # data-parallel ranks
+    per_step = t.micro_batch_size * dp
     need(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "positive")
     need(t.global_batch_size > 0, "train.global_batch_size", t.global_batch_size, "positive")
     if t.micro_batch_size > 0 and t.global_batch_size > 0 and t.global_batch_size % per_step != 0:
+        ranks = (
+            f"data-parallel ranks ({world_size} / sequence_parallel_size {sp})" if sp > 1 else "world size"
+        )
         problems.append(
             f"train.global_batch_size={t.global_batch_size} must be divisible by micro_batch_size "
-            f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}"
+            f"({t.micro_batch_size}) x {ranks} ({dp}) = {per_step}"
         )
     need(t.max_steps > 0, "train.max_steps", t.max_steps, "positive")
     need(

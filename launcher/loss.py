@@ -21,7 +21,15 @@ from launcher.data.template import IGNORE_INDEX
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """Everything but labels: the loss is ours, summed over tokens (see token_loss)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+
+
+def next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """[B, T] target of each position: the next label in the row, or `shift_labels` when the batch holds a
+    slice of the rows (sequence parallelism: the next label may live on another rank)."""
+    if "shift_labels" in batch:
+        return batch["shift_labels"]
+    return F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +51,7 @@ def target_token_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, 
     Assistant-only SFT trains a fraction of the tokens, and for large vocabularies the [T, V] logits (and their
     gradient) dominate activation memory: `logits_to_keep` slices the hidden states before the projection.
     """
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    targets = next_token_targets(batch)
     keep = (targets != IGNORE_INDEX).any(0).nonzero().flatten()  # positions with a target in any row
     logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # [B, K, V]
     kept = targets[:, keep].reshape(-1)
@@ -155,7 +163,7 @@ def tiled_target_token_loss(
     The model runs its body only (its head sees no position: `logits_to_keep` is empty); the final hidden states
     are taken from the decoder's output.
     """
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    targets = next_token_targets(batch)
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     captured: list[torch.Tensor] = []
     hook = inner.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
