@@ -236,6 +236,9 @@ class TrainConfig:
     sequence_parallel_size: int = 1
     """Ulysses sequence parallelism: S consecutive ranks share each packed row (T/S tokens each); data
     parallelism is world / S, and global_batch_size counts rows over the world / S data-parallel ranks."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP over sequence tiles, recomputed per tile in backward: long rows need far less
+    activation memory, for one extra MLP forward per step."""
     tiled_loss: str = "auto"
     """LM head + cross-entropy over tiles of target tokens, so the [tokens, vocab] logits never exist whole
     (`auto`: on for vocabularies of 32k or more; true/false)."""

@@ -40,6 +40,7 @@ from launcher.loss import count_targets, target_token_loss, tiled_target_token_l
 from launcher.metrics import build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 from launcher.sequence_parallel import SequenceParallel
+from launcher.tiled_mlp import install_tiled_mlp
 
 log = logging.getLogger("launcher")
 
@@ -260,6 +261,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ds_config = ds_engine.build_ds_config(cfg.deepspeed, t, world, bf16, sp.size)
     model = build_model(cfg.model, len(tok), attention, dtype, ds_engine.zero_init_context(ds_config))
     sp.install(model, attention)
+    if t.tiled_mlp:
+        say(rank, f"tiled MLP in {install_tiled_mlp(model)} layers")
     for note in getattr(model, "load_notes", []):
         say(rank, f"model: {note}")
     if cfg.model.gradient_checkpointing:

@@ -1,5 +1,5 @@
-"""torchrun worker for test_long_context_dist: a few real ZeRO-3 AdamW steps, untiled then tiled LM-head loss,
-from the same initial weights on the same rows. Rank 0 writes each variant's per-step losses and grad norms."""
+"""torchrun worker for test_long_context_dist: a few real ZeRO-3 AdamW steps, untiled, then with the tiled LM-head
+loss, then with the tiled MLP, from the same initial weights on the same rows. Rank 0 writes each variant's per-step losses and grad norms."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from launcher import engine as ds_engine
 from launcher.data import pack_examples
 from launcher.loss import target_token_loss, tiled_target_token_loss
+from launcher.tiled_mlp import install_tiled_mlp
 from launcher.train import train_step
 
 VOCAB = 503
@@ -30,7 +31,9 @@ def rows_for(rank: int, step: int) -> list[dict]:
     return pack_examples(docs, max_length=24)[:2]
 
 
-def run(tied: bool, loss_fn, ds_config: dict, world: int, steps: int) -> dict[str, list[float]]:
+def run(
+    tied: bool, loss_fn, ds_config: dict, world: int, steps: int, mlp_tiles: int = 0
+) -> dict[str, list[float]]:
     cfg = AutoConfig.for_model(
         "llama",
         vocab_size=VOCAB,
@@ -44,6 +47,8 @@ def run(tied: bool, loss_fn, ds_config: dict, world: int, steps: int) -> dict[st
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
+    if mlp_tiles:
+        install_tiled_mlp(model, n_tiles=mlp_tiles)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     eng = ds_engine.initialize(model, opt, None, ds_config)
     assert eng.zero_optimization_partition_weights()
@@ -79,6 +84,7 @@ def main(tied: bool, n_tiles: int, out: str) -> None:
     results = {
         "untiled": run(tied, target_token_loss, ds_config, world, 3),
         "tiled": run(tied, partial(tiled_target_token_loss, n_tiles=n_tiles), ds_config, world, 3),
+        "tiled_mlp": run(tied, target_token_loss, ds_config, world, 3, mlp_tiles=n_tiles),
     }
     if info.rank == 0:
         torch.save(results, out)

@@ -11,19 +11,21 @@ from tests.test_resume import COMMON, train_rows
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", ["tied", "untied"])
-def test_tiled_loss_trains_like_untiled_under_zero3(tmp_path, tied):
-    """Three AdamW steps with the LM head partitioned by ZeRO-3 (and tied to the embedding or not), 3 tiles per
-    micro-batch, ranks with different target counts: the same losses and gradient norms as untiled, step for
-    step (each step's norm is what clipping and the update see, so a mis-reduced head gradient shows here)."""
+def test_tiled_loss_and_tiled_mlp_train_like_untiled_under_zero3(tmp_path, tied):
+    """Three AdamW steps with every weight partitioned by ZeRO-3 (the head tied to the embedding or not), 3 tiles
+    per micro-batch (LM head over target tokens, or MLP over the sequence), ranks with different target counts:
+    the same losses and gradient norms as untiled, step for step (each step's norm is what clipping and the
+    update see, so a gradient reduced per tile or lost shows here)."""
     out = tmp_path / "r.pt"
     proc = torchrun(["tests/dist_tiled_worker.py", tied, "3", str(out)], 2, ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
-    ref, tiled = got["untiled"], got["tiled"]
-    assert len(ref["loss"]) == len(tiled["loss"]) == 3
-    for key in ("loss", "grad_norm"):
-        for step, (a, b) in enumerate(zip(ref[key], tiled[key], strict=True)):
-            assert abs(a - b) <= 1e-5 * abs(a), (key, step, a, b)
+    ref = got["untiled"]
+    for variant in ("tiled", "tiled_mlp"):
+        assert len(got[variant]["loss"]) == len(ref["loss"]) == 3
+        for key in ("loss", "grad_norm"):
+            for step, (a, b) in enumerate(zip(ref[key], got[variant][key], strict=True)):
+                assert abs(a - b) <= 1e-5 * abs(a), (variant, key, step, a, b)
     assert ref["grad_norm"][0] > 0 and ref["loss"][0] != ref["loss"][-1]  # it trained
 
 

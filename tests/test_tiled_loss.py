@@ -1,5 +1,5 @@
-"""The tiled LM-head loss computes the same loss and gradients as the untiled one (and its 2-rank ZeRO-3
-training run the same losses and gradient norms: tests/test_long_context_dist.py)."""
+"""The tiled LM-head loss and the tiled MLP compute the same loss and gradients as untiled (and their 2-rank
+ZeRO-3 training runs the same losses and gradient norms: tests/test_long_context_dist.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from launcher.data import collate, pack_examples
 from launcher.loss import target_token_loss, tiled_target_token_loss, use_tiled_loss
+from launcher.tiled_mlp import install_tiled_mlp
 
 TINY = dict(
     vocab_size=1000,
@@ -65,3 +66,23 @@ def test_tiled_loss_setting():
     assert not use_tiled_loss("auto", capped)  # soft-capped logits: the head is not a plain projection
     with pytest.raises(ValueError, match="train.tiled_loss=true: gemma2 post-processes its logits"):
         use_tiled_loss("true", capped)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("n_tiles", [2, 5])
+def test_tiled_mlp_equals_untiled_loss_and_gradients(n_tiles, checkpointing):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **TINY)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    b = batch()
+    ref_loss, ref = loss_and_grads(model, target_token_loss, b)
+    assert install_tiled_mlp(model, n_tiles=n_tiles) == TINY["num_hidden_layers"]
+    loss, got = loss_and_grads(model, target_token_loss, b)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert ref["model.layers.0.mlp.down_proj.weight"].abs().sum() > 0
