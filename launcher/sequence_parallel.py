@@ -122,6 +122,17 @@ class SequenceParallel:
         finally:
             _STATE.sp, _STATE.positions, _STATE.masks = None, None, {}
 
+    def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, T, V] logits of whole rows computed sequence-parallel (every rank of the group gets them all)."""
+        from launcher.loss import model_inputs
+
+        t = batch["input_ids"].shape[1]
+        with self.shard(batch) as local:
+            mine = model(**model_inputs(local)).logits.contiguous()
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.group)
+        return torch.cat(parts, dim=1)[:, :t]
+
     def gather_positions(self, local: torch.Tensor) -> torch.Tensor:
         """The whole rows' position ids, from every rank's slice, in rank order."""
         parts = [torch.empty_like(local) for _ in range(self.size)]

@@ -294,7 +294,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         say(rank, "starting at step 0")
     if t.check_packing:
-        check = check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2)
+        check = check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2, sp)
         results.update(check)
         say(rank, f"packing self-check: {check}")
     if data.eval_rows and not state.step:

@@ -81,12 +81,15 @@ def assert_same_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
 @pytest.mark.slow
 def test_sequence_parallel_trains_like_data_parallel(sp_runs):
     """Same global batch, same rows per step: S=2 (each rank holds half of every row) gives the losses and
-    gradient norms of S=1 step for step, and so does S=2 with the tiled loss."""
+    gradient norms of S=1 step for step, and so does S=2 with the tiled loss (and the packing self-check on)."""
     tmp, cache = sp_runs
     want, got = train_rows(tmp / "s1"), train_rows(tmp / "s2")
     assert_same_steps(got, want)
-    out = sp_launch(tmp / "s2_tiled", cache, "train.sequence_parallel_size=2", "train.tiled_loss=true")
+    extra = ["train.sequence_parallel_size=2", "train.tiled_loss=true", "train.check_packing=true"]
+    out = sp_launch(tmp / "s2_tiled", cache, *extra)
     assert "x 1 ranks (x 2 sequence-parallel ranks per row)" in out and "loss: tiled LM head" in out
+    # The start-up self-check ran the packed row sequence-parallel against each document alone.
+    assert "packing self-check: {'packing_check_max_abs_diff'" in out, out[-2000:]
     assert_same_steps(train_rows(tmp / "s2_tiled"), want)
 
 
