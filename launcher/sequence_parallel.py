@@ -94,12 +94,15 @@ class SequenceParallel:
 
     @contextlib.contextmanager
     def shard(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """This rank's slice of a collated batch of whole rows, with the wrapped attention armed (forward and
-        backward, so activation-checkpoint recompute sees it too, must run inside)."""
+        """This rank's slice of a collated batch of whole rows (its mask is dropped), with the wrapped attention
+        armed (forward and backward, so activation-checkpoint recompute sees it too, must run inside)."""
         if self.size == 1:
             yield batch
             return
         ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+        # The collator's [B, 1, T, T] mask is not used (it is rebuilt after the all-to-all): drop it from the
+        # batch rather than hold a second T x T mask through the step (the batch is consumed).
+        batch.pop("attention_mask", None)
         pad = -ids.shape[1] % self.size
         if pad:  # the padding is a document of its own, with no target
             ids = F.pad(ids, (0, pad), value=0)
