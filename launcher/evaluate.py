@@ -31,16 +31,23 @@ def _shard(items: Sequence[Any], rank: int, world: int, per_batch: int) -> list[
 
 @torch.no_grad()
 def eval_loss(
-    model: Any, rows: Sequence[dict], attention: str, micro_batch: int, device: torch.device, pad_id: int
+    model: Any,
+    rows: Sequence[dict],
+    attention: str,
+    micro_batch: int,
+    device: torch.device,
+    pad_id: int,
+    loss_fn: Any = target_token_loss,
 ):
-    """Token-level mean loss and perplexity over all eval rows, summed over ranks."""
+    """Token-level mean loss and perplexity over all eval rows, summed over ranks (`loss_fn`: the training
+    loss, so a tiled loss keeps evaluation within the memory training needs)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch_rows in _shard(rows, rank, world, micro_batch):
         real = batch_rows is not None
         batch = collate(batch_rows if real else rows[:1], attention, pad_id, device=device)
-        loss_sum, n = target_token_loss(model, batch)
+        loss_sum, n = loss_fn(model, batch)
         if real:
             total += torch.stack([loss_sum.double(), n.double()])
     dist.all_reduce(total)

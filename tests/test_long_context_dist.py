@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -91,6 +93,15 @@ def test_sequence_parallel_trains_like_data_parallel(sp_runs):
     # The start-up self-check ran the packed row sequence-parallel against each document alone.
     assert "packing self-check: {'packing_check_max_abs_diff'" in out, out[-2000:]
     assert_same_steps(train_rows(tmp / "s2_tiled"), want)
+    # Evaluation (whole rows on each rank, through the tiled loss here) gives the untiled eval loss.
+    assert eval_losses(tmp / "s2_tiled") == pytest.approx(eval_losses(tmp / "s1"), rel=1e-5)
+
+
+def eval_losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(losses) == 2, losses  # before training and at the end
+    return losses
 
 
 @pytest.mark.slow
