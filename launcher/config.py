@@ -233,6 +233,15 @@ class TrainConfig:
     """Held-out rows used for exact-match accuracy."""
     max_new_tokens: int = 32
     """Generation length for exact-match accuracy."""
+    sequence_parallel_size: int = 1
+    """Ulysses sequence parallelism: S consecutive ranks share each packed row (T/S tokens each); data
+    parallelism is world / S, and global_batch_size counts rows over the world / S data-parallel ranks."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP over sequence tiles, recomputed per tile in backward: long rows need far less
+    activation memory, for one extra MLP forward per step."""
+    tiled_loss: str = "auto"
+    """LM head + cross-entropy over tiles of target tokens, so the [tokens, vocab] logits never exist whole
+    (`auto`: on for vocabularies of 32k or more; true/false)."""
 
 
 @dataclass
@@ -313,13 +322,24 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if not ok:
             problems.append(f"{key}={value} must be {domain}")
 
-    per_step = t.micro_batch_size * world_size
+    sp = t.sequence_parallel_size
+    need(
+        sp >= 1 and world_size % sp == 0,
+        "train.sequence_parallel_size",
+        sp,
+        f"a divisor of the world size ({world_size})",
+    )
+    dp = world_size // sp if sp >= 1 and world_size % sp == 0 else world_size  # data-parallel ranks
+    per_step = t.micro_batch_size * dp
     need(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "positive")
     need(t.global_batch_size > 0, "train.global_batch_size", t.global_batch_size, "positive")
     if t.micro_batch_size > 0 and t.global_batch_size > 0 and t.global_batch_size % per_step != 0:
+        ranks = (
+            f"data-parallel ranks ({world_size} / sequence_parallel_size {sp})" if sp > 1 else "world size"
+        )
         problems.append(
             f"train.global_batch_size={t.global_batch_size} must be divisible by micro_batch_size "
-            f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}"
+            f"({t.micro_batch_size}) x {ranks} ({dp}) = {per_step}"
         )
     need(t.max_steps > 0, "train.max_steps", t.max_steps, "positive")
     need(
@@ -368,6 +388,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                 "train.exact_match_eval=true but there is no eval data: set data.eval_fraction or "
                 "data.eval_size, add eval sources, or set train.exact_match_eval=false"
             )
+    need(
+        str(t.tiled_loss).lower() in ("auto", "true", "false"),
+        "train.tiled_loss",
+        t.tiled_loss,
+        "auto, true or false",
+    )
     if t.keep_last < 0:
         problems.append(f"train.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if t.resume == "auto" and "${now:" in str(cfg._get_node("run_dir")._value()):

@@ -133,9 +133,14 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def build_ds_config(ds_cfg: Any, train_cfg: Any, world_size: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed dict for this run (ZeRO stage, precision, clipping, batch sizes)."""
-    accum = train_cfg.global_batch_size // (train_cfg.micro_batch_size * world_size)
+def build_ds_config(
+    ds_cfg: Any, train_cfg: Any, world_size: int, bf16: bool, sp_size: int = 1
+) -> dict[str, Any]:
+    """The DeepSpeed dict for this run (ZeRO stage, precision, clipping, batch sizes).
+
+    With sequence parallelism (`sp_size` ranks per row) the accumulation counts data-parallel ranks, while
+    DeepSpeed, which sees every rank as data-parallel, checks train_batch_size = micro x accum x world."""
+    accum = train_cfg.global_batch_size // (train_cfg.micro_batch_size * (world_size // sp_size))
     zero: dict[str, Any] = {
         "stage": ds_cfg.stage,
         "overlap_comm": ds_cfg.overlap_comm,
@@ -157,7 +162,7 @@ def build_ds_config(ds_cfg: Any, train_cfg: Any, world_size: int, bf16: bool) ->
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": train_cfg.global_batch_size,
+        "train_batch_size": train_cfg.global_batch_size * sp_size,
         "gradient_clipping": train_cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},

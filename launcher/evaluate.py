@@ -31,16 +31,23 @@ def _shard(items: Sequence[Any], rank: int, world: int, per_batch: int) -> list[
 
 @torch.no_grad()
 def eval_loss(
-    model: Any, rows: Sequence[dict], attention: str, micro_batch: int, device: torch.device, pad_id: int
+    model: Any,
+    rows: Sequence[dict],
+    attention: str,
+    micro_batch: int,
+    device: torch.device,
+    pad_id: int,
+    loss_fn: Any = target_token_loss,
 ):
-    """Token-level mean loss and perplexity over all eval rows, summed over ranks."""
+    """Token-level mean loss and perplexity over all eval rows, summed over ranks (`loss_fn`: the training
+    loss, so a tiled loss keeps evaluation within the memory training needs)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch_rows in _shard(rows, rank, world, micro_batch):
         real = batch_rows is not None
         batch = collate(batch_rows if real else rows[:1], attention, pad_id, device=device)
-        loss_sum, n = target_token_loss(model, batch)
+        loss_sum, n = loss_fn(model, batch)
         if real:
             total += torch.stack([loss_sum.double(), n.double()])
     dist.all_reduce(total)
@@ -50,12 +57,19 @@ def eval_loss(
 
 
 @torch.no_grad()
-def packing_error(model: Any, row: dict, lengths: Sequence[int], attention: str, device: torch.device):
+def packing_error(
+    model: Any, row: dict, lengths: Sequence[int], attention: str, device: torch.device, sp: Any = None
+):
     """(max |packed - per-document| logit difference, max |logit|) over the row's first documents.
 
-    Each document's reference runs alone, with positions 0..n-1, whatever the row's own position ids say.
+    Each document's reference runs alone, with positions 0..n-1, whatever the row's own position ids say. With
+    `sp` (a `launcher.sequence_parallel.SequenceParallel` of S > 1) the packed row runs sequence-parallel.
     """
-    packed = model(**model_inputs(collate([row], attention, device=device))).logits[0].float()
+    batch = collate([row], attention, device=device)
+    if sp is not None and sp.size > 1:
+        packed = sp.logits(model, batch)[0].float()
+    else:
+        packed = model(**model_inputs(batch)).logits[0].float()
     worst, scale, start = 0.0, 0.0, 0
     for n in lengths[:4]:
         doc = {
@@ -71,15 +85,18 @@ def packing_error(model: Any, row: dict, lengths: Sequence[int], attention: str,
 
 
 @torch.no_grad()
-def check_packing(model: Any, rows: Sequence[dict], attention: str, device: torch.device, tol: float) -> dict:
-    """Packed vs per-document logits on real packed rows; ValueError if documents leak into each other."""
+def check_packing(
+    model: Any, rows: Sequence[dict], attention: str, device: torch.device, tol: float, sp: Any = None
+) -> dict:
+    """Packed vs per-document logits on real packed rows (sequence-parallel with `sp`); ValueError if documents
+    leak into each other."""
     t0 = time.time()
     row = max(rows[:64], key=lambda r: len(doc_lengths(r["position_ids"])))
     lengths = doc_lengths(row["position_ids"])
     if len(lengths) < 2:
         return {"packing_check": "skipped (no packed row holds two documents)"}
     model.eval()
-    worst, scale = packing_error(model, row, lengths, attention, device)
+    worst, scale = packing_error(model, row, lengths, attention, device, sp)
     model.train()
     rel = worst / max(scale, 1e-6)
     if rel > tol:

@@ -36,9 +36,11 @@ from launcher.data.packing import doc_lengths
 from launcher.data.pipeline import Prepared, cached_prepare, format_report
 from launcher.evaluate import check_packing, eval_loss, exact_match
 from launcher.export import export_hf, verify_export
-from launcher.loss import count_targets, target_token_loss
+from launcher.loss import count_targets, target_token_loss, tiled_target_token_loss, use_tiled_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
+from launcher.sequence_parallel import SequenceParallel
+from launcher.tiled_mlp import install_tiled_mlp
 
 log = logging.getLogger("launcher")
 
@@ -171,25 +173,40 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def train_step(
-    eng: Any, my_rows: list[dict], micro: int, attention: str, device: torch.device, pad_id: int, world: int
+    eng: Any,
+    my_rows: list[dict],
+    micro: int,
+    attention: str,
+    device: torch.device,
+    pad_id: int,
+    world: int,
+    loss_fn: Any = target_token_loss,
+    sp: SequenceParallel | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens."""
+    """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens.
+    `loss_fn(engine, batch)` returns (summed loss, target count): `target_token_loss` or its tiled variant.
+    With sequence parallelism the S ranks of a group hold the same rows and each computes its slice of them."""
+    sp = sp or SequenceParallel(1, 0, world)
     n_local = count_targets(my_rows)
     counts = torch.tensor(
         [n_local, sum(len(r["input_ids"]) for r in my_rows)], dtype=torch.float64, device=device
     )
     dist.all_reduce(counts)
+    counts /= sp.size  # each row was counted by every rank of its group
     n_global = counts[:1]
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     counted = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(my_rows), micro):
-        b = collate(my_rows[i : i + micro], attention, pad_id, device=device)
-        loss_sum, n_targets = target_token_loss(eng, b)
-        counted += n_targets
-        # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum.
-        ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
+        with sp.shard(collate(my_rows[i : i + micro], attention, pad_id, device=device)) as b:
+            loss_sum, n_targets = loss_fn(eng, b)
+            counted += n_targets
+            # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum
+            # (with SP too: every rank's gradient is its own tokens' part of the sum).
+            ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
         eng.step()
         loss_total += loss_sum.detach().double()
+    if sp.size > 1:
+        dist.all_reduce(counted, group=sp.group)  # the group's slices together hold the rows' targets
     # The normaliser counted what the loss summed. Padding-free batches lay rows end to end, so this also holds
     # the packer to its invariant: every row's first label is -100 (no row is a target of the row before it).
     assert int(counted) == n_local, (int(counted), n_local)
@@ -207,14 +224,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
     validate(cfg, world)
-    torch.manual_seed(cfg.train.seed)
     t, start = cfg.train, time.time()
+    sp = SequenceParallel(t.sequence_parallel_size, rank, world)  # data parallelism: sp.dp_world ranks
+    torch.manual_seed(cfg.train.seed)
     run_dir = build_run_dir(cfg, rank)
-    accum = t.global_batch_size // (t.micro_batch_size * world)
+    accum = t.global_batch_size // (t.micro_batch_size * sp.dp_world)
     say(
         rank,
         f"world size {world} on {device.type}: global batch {t.global_batch_size} rows = "
-        f"{t.micro_batch_size} micro x {accum} accumulation x {world} ranks; run_dir {run_dir}",
+        f"{t.micro_batch_size} micro x {accum} accumulation x {sp.dp_world} ranks"
+        + (f" (x {sp.size} sequence-parallel ranks per row)" if sp.size > 1 else "")
+        + f"; run_dir {run_dir}",
     )
 
     # ---- data ----
@@ -228,7 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if rank == 0:
         (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
         say(rank, format_report(data.report))
-    sampler = StepSampler(data.train_rows, world, rank, t.micro_batch_size * accum, cfg.data.seed)
+    sampler = StepSampler(data.train_rows, sp.dp_world, sp.dp_rank, t.micro_batch_size * accum, cfg.data.seed)
     sampler_info = {"rows": len(data.train_rows), "steps_per_epoch": sampler.steps_per_epoch}
 
     # ---- model + engine ----
@@ -239,8 +259,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     attention, why = choose_backend(
         cfg.model.attention.value, device, model_config(cfg.model, len(tok)), dtype
     )
-    ds_config = ds_engine.build_ds_config(cfg.deepspeed, t, world, bf16)
+    ds_config = ds_engine.build_ds_config(cfg.deepspeed, t, world, bf16, sp.size)
     model = build_model(cfg.model, len(tok), attention, dtype, ds_engine.zero_init_context(ds_config))
+    sp.install(model, attention)
+    if t.tiled_mlp:
+        say(rank, f"tiled MLP in {install_tiled_mlp(model)} layers")
     for note in getattr(model, "load_notes", []):
         say(rank, f"model: {note}")
     if cfg.model.gradient_checkpointing:
@@ -252,6 +275,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"{'bf16' if bf16 else 'fp32'}, attention={attention} ({why}), "
         f"ZeRO stage {ds_config['zero_optimization']['stage']}",
     )
+    tiled = use_tiled_loss(t.tiled_loss, model.config)
+    loss_fn = tiled_target_token_loss if tiled else target_token_loss
+    say(rank, f"loss: {'tiled' if tiled else 'untiled'} LM head (train.tiled_loss={t.tiled_loss})")
     optimizer, scheduler_factory = build_optimizer(model, t)
     eng = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config)
     scheduler = eng.lr_scheduler
@@ -261,7 +287,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     pad_id = tok.pad_token_id
     results: dict[str, Any] = {"run_dir": str(run_dir)}
-    evaluate = partial(eval_loss, eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id)
+    evaluate = partial(eval_loss, eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id, loss_fn)
 
     if state.step:
         say(rank, f"resumed at step {state.step} ({state.tokens_seen} tokens seen)")
@@ -269,7 +295,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         say(rank, "starting at step 0")
     if t.check_packing:
-        check = check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2)
+        check = check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2, sp)
         results.update(check)
         say(rank, f"packing self-check: {check}")
     if data.eval_rows and not state.step:
@@ -290,7 +316,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     while state.step < t.max_steps:
         my_rows = [data.train_rows[i] for i in next(steps)]
         t_step = time.time()
-        out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world)
+        out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world, loss_fn, sp)
         state.advance(out)
         step, dt = state.step, time.time() - t_step
 
@@ -299,6 +325,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 [step_flops(model.config, n_params, my_rows)], device=device, dtype=torch.float64
             )
             dist.all_reduce(flops)
+            flops /= sp.size  # the ranks of a sequence-parallel group hold the same rows
             metrics = {
                 "loss": out["loss"],
                 "lr": scheduler.get_last_lr()[0],

@@ -125,3 +125,27 @@ def test_your_own_sources_replace_the_demos_eval_set(tmp_path):
 def test_eval_settings_that_would_be_ignored_are_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         validate(compose(overrides), world_size=2)
+
+
+@pytest.mark.badinput
+def test_sequence_parallel_batch_arithmetic_counts_data_parallel_ranks():
+    # 4 ranks, S=2: 2 data-parallel ranks, so a global batch of 2 rows is 1 micro-batch each.
+    validate(
+        compose(["train.global_batch_size=2", "train.micro_batch_size=1", "train.sequence_parallel_size=2"]),
+        world_size=4,
+    )
+    with pytest.raises(
+        ValueError, match=r"micro_batch_size \(1\) x data-parallel ranks \(4 / sequence_paral"
+    ):
+        validate(
+            compose(
+                ["train.global_batch_size=3", "train.micro_batch_size=1", "train.sequence_parallel_size=2"]
+            ),
+            world_size=4,
+        )
+    with pytest.raises(
+        ValueError, match=r"train.sequence_parallel_size=3 must be a divisor of the world size"
+    ):
+        validate(compose(["train.sequence_parallel_size=3"]), world_size=4)
+    with pytest.raises(ValueError, match=r"train.tiled_loss=maybe must be auto, true or false"):
+        validate(compose(["train.tiled_loss=maybe"]), world_size=2)

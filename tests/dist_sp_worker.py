@@ -1,0 +1,145 @@
+"""torchrun worker for test_long_context_dist: Ulysses sequence parallelism (S = world) on a real ZeRO-3 engine.
+
+`logits`: for each architecture and backend, a packed row's logits under SP, gathered over the group, against
+each document run alone through a plain copy of the model (no packing, no SP, no DeepSpeed: sdpa with the
+model's own causal and sliding-window masks). `stock`: the same with DeepSpeed's own UlyssesSPAttentionHF, which attends causally over the gathered
+row. Rank 0 writes the max abs differences per (arch, backend, document)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from launcher import engine as ds_engine
+from launcher.data import collate, pack_examples
+from launcher.data.packing import doc_lengths
+from launcher.loss import model_inputs
+from launcher.model import _prepare
+from launcher.sequence_parallel import SequenceParallel
+
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+# Windows shorter than the longest document, so a missing window shows (as in test_attention).
+ARCHS = {
+    "llama": dict(model_type="llama"),
+    "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "mistral_sliding": dict(model_type="mistral", sliding_window=5),
+}
+LENGTHS = [9, 13, 6, 11]  # 39 tokens: one row, padded to an even length for S=2
+
+
+def documents() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {"input_ids": torch.randint(3, 97, (n,), generator=g).tolist(), "labels": [1] * n} for n in LENGTHS
+    ]
+
+
+def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def stock_wrapper(sp: SequenceParallel, cfg) -> None:
+    """DeepSpeed's UlyssesSPAttentionHF as its register_with_transformers wires it: 4D masks discarded."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    uattn = UlyssesSPAttentionHF(
+        attn=ALL_ATTENTION_FUNCTIONS["sdpa"],
+        batch_size=1,
+        attn_head_count=cfg.num_attention_heads,
+        attn_head_size=cfg.hidden_size // cfg.num_attention_heads,
+        kv_head_count=cfg.num_key_value_heads,
+        num_hidden_layers=cfg.num_hidden_layers,
+        process_group=sp.group,
+        seq_length_is_variable=True,
+    )
+    uattn.core_attn_implementation = "sdpa"
+
+    def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+        return uattn(module, query, key, value, None, *args, **kwargs)
+
+    AttentionInterface.register("ds_stock", wrapper)
+
+
+def main(mode: str, out: str) -> None:
+    info = ds_engine.init_distributed(timeout_minutes=5)
+    world = info.world_size
+    sp = SequenceParallel(world, info.rank, world)
+    train_cfg = OmegaConf.create({"global_batch_size": 1, "micro_batch_size": 1, "grad_clip": 0.0})
+    ds_cfg = OmegaConf.create(
+        {
+            "stage": 3,
+            "offload_optimizer": False,
+            "offload_params": False,
+            "config_file": None,
+            "overlap_comm": False,
+        }
+    )
+    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False, sp_size=world)
+    docs = documents()
+    row = pack_examples(docs, max_length=64)
+    assert len(row) == 1
+    archs = {"llama": ARCHS["llama"]} if mode == "stock" else ARCHS
+    backends = ["sdpa"] if mode == "stock" else ["sdpa", "eager", "flex_attention"]
+    results = {}
+    for name, extra in archs.items():
+        cfg = AutoConfig.for_model(**{**SMALL, **extra})
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        torch.manual_seed(0)
+        # Its own config: installing SP on the engine's model must not touch the reference.
+        ref = AutoModelForCausalLM.from_config(
+            copy.deepcopy(cfg), attn_implementation="sdpa", dtype=torch.float32
+        )
+        ref.eval()
+        ds_engine.zero_init_context(ds_config)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+        _prepare(model, "sdpa")
+        eng = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ds_config)
+        eng.eval()
+        with ds_engine.gathered_params(list(eng.module.parameters())), torch.no_grad():
+            for mine, full in zip(ref.parameters(), eng.module.parameters(), strict=True):
+                mine.copy_(full)
+        for backend in backends:
+            if mode == "stock":
+                stock_wrapper(sp, cfg)
+                eng.module.config._attn_implementation = "ds_stock"
+            else:
+                sp.install(eng.module, backend)
+            batch = collate(row, backend, 0)
+            with torch.no_grad(), sp.shard(batch) as local:
+                inputs = model_inputs(local)
+                if mode == "stock":
+                    inputs.pop("attention_mask", None)
+                logits = gather_seq(eng(**inputs).logits, sp.group)
+            start = 0
+            for i, n in enumerate(doc_lengths(row[0]["position_ids"])):  # the packer orders documents its way
+                with torch.no_grad():
+                    alone = ref(input_ids=torch.tensor([row[0]["input_ids"][start : start + n]])).logits[0]
+                results[(name, backend, i)] = (logits[0, start : start + n] - alone).abs().max().item()
+                start += n
+    if info.rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    ds_engine.exit_now(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
