@@ -15,7 +15,10 @@ the DeepSpeed config, and estimates per-GPU memory of a ZeRO-3 run:
   kernels (flash, varlen, sdpa's memory-efficient path) keep no seq x seq buffer; `eager` keeps its scores and
   probabilities, and `sdpa`/`eager` get a float block-diagonal mask.
 - logits and loss buffers: the LM head runs only at positions with a target (bf16 logits, their fp32 copy for
-  the cross-entropy, and its fp32 gradient).
+  the cross-entropy, and its fp32 gradient); with `train.tiled_loss`, one tile of them at a time.
+- sequence parallelism (`train.sequence_parallel_size=S`): every per-token term is divided by S, the float
+  document mask of sdpa/eager is not (each rank masks the whole gathered row); `train.tiled_mlp` keeps one tile
+  (about `hidden` tokens) of MLP intermediates in flight instead of the whole row's.
 - a fixed reserve for the CUDA context, NCCL buffers and allocator fragmentation.
 
 It is an estimate: measure with `torch.cuda.max_memory_allocated` (logged as `peak_mem_gb`) on a short run.
@@ -24,6 +27,7 @@ It is an estimate: measure with `torch.cuda.max_memory_allocated` (logged as `pe
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +103,10 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    from launcher.loss import use_tiled_loss
+
     return {
+        "tiled_loss": use_tiled_loss(cfg.train.tiled_loss, text),
         "params": sum(unique.values()),
         "largest_layer_params": largest,
         "layers": text.num_hidden_layers,
@@ -151,24 +158,43 @@ def model_states_gb(
 
 
 def activations_gb(
-    shape: dict, tokens: int, bytes_: int, attention: str, heads_rows: tuple[int, int]
+    shape: dict,
+    tokens: int,
+    bytes_: int,
+    attention: str,
+    heads_rows: tuple[int, int],
+    sp: int = 1,
+    tiled_mlp: bool = False,
 ) -> dict:
-    """Activation memory of one micro-batch of `tokens` tokens, without and with gradient checkpointing."""
+    """Activation memory of one micro-batch of `tokens` tokens, without and with gradient checkpointing, on one
+    rank of a sequence-parallel group of `sp` ranks (each holds tokens / sp of every row)."""
     h, kv, inter, layers = shape["hidden"], shape["kv_dim"], shape["intermediate"], shape["layers"]
+    local = tokens / sp
     # attention block: input, normed, q, k, v, rotated q and k, output; MLP: input, normed, gate, up, act, product
-    per_layer = tokens * (7 * h + 3 * kv + 4 * inter) * bytes_
+    mlp = 4 * inter * local * bytes_
+    in_flight = 0.0
+    if tiled_mlp:  # the MLP's intermediates live for one tile (about `hidden` tokens) at a time, recomputed
+        mlp, in_flight = 0.0, 4 * inter * min(local, h) * bytes_
+    per_layer = local * (7 * h + 3 * kv) * bytes_ + mlp
     rows, row_len = heads_rows
     quadratic = 0
-    if attention == "eager":  # scores and probabilities, per layer
-        quadratic = 2 * rows * shape["heads"] * row_len * row_len * bytes_
+    if attention == "eager":  # scores and probabilities of this rank's heads over the whole row, per layer
+        quadratic = 2 * rows * (shape["heads"] / sp) * row_len * row_len * bytes_
+    # The float document mask covers the whole (gathered) row on every rank, whatever sp is.
     mask = rows * row_len * row_len * bytes_ if attention in ("sdpa", "eager") else 0
-    full = layers * (per_layer + quadratic) + mask
-    ckpt = layers * tokens * h * bytes_ + per_layer + quadratic + mask
+    full = layers * (per_layer + quadratic) + mask + in_flight
+    ckpt = layers * local * h * bytes_ + per_layer + quadratic + mask + in_flight
     return {"no_checkpointing": full / GB, "checkpointing": ckpt / GB}
 
 
-def logits_gb(shape: dict, targets: float) -> float:
-    """LM-head outputs at target positions: bf16 logits, fp32 copy, fp32 gradient."""
+def logits_gb(shape: dict, targets: float, tiled: bool = False) -> float:
+    """LM-head outputs at target positions: bf16 logits, fp32 copy, fp32 gradient; with the tiled loss, one
+    tile's worth (`launcher.loss.count_tiles`: a tile's logits are about the size of its hidden states)."""
+    from launcher.loss import MIN_TILE_LOGITS
+
+    if tiled and targets:
+        tiles = max(1, math.ceil(targets * shape["vocab"] / max(targets * shape["hidden"], MIN_TILE_LOGITS)))
+        targets = math.ceil(targets / tiles)
     return targets * shape["vocab"] * (2 + 4 + 4) / GB
 
 
@@ -179,9 +205,10 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
     world = hw.nodes * hw.gpus_per_node
     validate(cfg, world)
     t, d = cfg.train, cfg.data
-    accum = t.global_batch_size // (t.micro_batch_size * world)
+    sp = t.sequence_parallel_size
+    accum = t.global_batch_size // (t.micro_batch_size * (world // sp))
     bf16 = cfg.model.dtype.value != "fp32"  # on GPUs `auto` trains in bf16
-    ds_config = build_ds_config(cfg.deepspeed, t, world, bf16)
+    ds_config = build_ds_config(cfg.deepspeed, t, world, bf16, sp)
     shape = model_shape(cfg)
     data = data_stats(cfg)
     row_len = d.max_length
@@ -190,12 +217,14 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
 
     def per_gpu(micro: int, ckpt: bool, off_opt: bool, off_par: bool, gpus: int) -> dict[str, float]:
         states = model_states_gb(shape, gpus, bf16, off_opt, off_par)
-        act = activations_gb(shape, micro * row_len, 2 if bf16 else 4, attention, (micro, row_len))
+        act = activations_gb(
+            shape, micro * row_len, 2 if bf16 else 4, attention, (micro, row_len), sp, t.tiled_mlp
+        )
         out = {k: states[k] for k in ("params", "grads", "optimizer", "gathered_layer", "model_states")}
         out["activations"] = act["checkpointing" if ckpt else "no_checkpointing"]
         out["activations_no_checkpointing"] = act["no_checkpointing"]
         out["activations_checkpointing"] = act["checkpointing"]
-        out["logits"] = logits_gb(shape, micro * row_len * trained)
+        out["logits"] = logits_gb(shape, micro * row_len / sp * trained, shape["tiled_loss"])
         out["reserve"] = RESERVE_GB
         out["total"] = out["model_states"] + out["activations"] + out["logits"] + out["reserve"]
         out["cpu_offloaded"] = states["cpu_offloaded_per_gpu"]
@@ -213,6 +242,9 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
         "gpus_per_node": hw.gpus_per_node,
         "gpu_memory_gb": hw.gpu_memory_gb,
         "micro_batch_size": t.micro_batch_size,
+        "sequence_parallel_size": sp,
+        "tiled_loss": shape["tiled_loss"],
+        "tiled_mlp": bool(t.tiled_mlp),
         "gradient_accumulation": accum,
         "global_batch_size": t.global_batch_size,
         "max_length": row_len,
@@ -270,8 +302,14 @@ def format_plan(p: dict[str, Any]) -> str:
     spe = p["steps_per_epoch"]
     lines = [
         f"world size {p['world_size']} = {p['nodes']} nodes x {p['gpus_per_node']} GPUs of {p['gpu_memory_gb']:.0f} GB",
-        f"batch: {p['micro_batch_size']} micro x {p['gradient_accumulation']} accumulation x {p['world_size']} ranks"
-        f" = {p['global_batch_size']} rows of {p['max_length']} tokens",
+        f"batch: {p['micro_batch_size']} micro x {p['gradient_accumulation']} accumulation x "
+        f"{p['world_size'] // p['sequence_parallel_size']} data-parallel ranks"
+        f" = {p['global_batch_size']} rows of {p['max_length']} tokens"
+        + (
+            f" (each row over {p['sequence_parallel_size']} sequence-parallel ranks)"
+            if p["sequence_parallel_size"] > 1
+            else ""
+        ),
         f"tokens per optimizer step: {p['tokens_per_step']:.0f}; steps per epoch: "
         + (f"{spe}" if spe is not None else "unknown until the data is prepared (sft prepare)"),
         f"data: {d['source']}",
@@ -284,7 +322,8 @@ def format_plan(p: dict[str, Any]) -> str:
         + (f"; {g['cpu_offloaded']:.2f} offloaded to CPU" if g["cpu_offloaded"] else ""),
         f"  activations     {g['activations']:8.2f}  (checkpointing {'on' if p['gradient_checkpointing'] else 'off'}:"
         f" {g['activations_checkpointing']:.2f} with, {g['activations_no_checkpointing']:.2f} without)",
-        f"  logits + loss   {g['logits']:8.2f}",
+        f"  logits + loss   {g['logits']:8.2f}  (tiled loss {'on' if p['tiled_loss'] else 'off'}; tiled MLP "
+        f"{'on' if p['tiled_mlp'] else 'off'})",
         f"  reserve         {g['reserve']:8.2f}  (CUDA context, communication buffers, fragmentation)",
         f"  total           {g['total']:8.2f}  of {p['gpu_memory_gb']:.1f}: "
         + ("fits" if p["fits"] else "DOES NOT FIT"),

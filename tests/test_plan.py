@@ -145,3 +145,30 @@ def test_plan_reads_the_prepared_data(tmp_path):
     assert after["data"]["source"] == f"prepared cache {rows['path']}"
     assert after["steps_per_epoch"] == report["train"]["packed_rows"] // after["global_batch_size"] > 0
     assert after["tokens_per_step"] < before["tokens_per_step"]  # packed rows are not all full
+
+
+def test_plan_accounts_for_sequence_parallelism_and_tiling(llama3_8b):
+    """S=2 halves every per-token term and the data-parallel ranks; the tiled loss keeps one tile of logits;
+    the tiled MLP keeps one tile of MLP intermediates in flight."""
+    base = ["--nodes", "2", "--gpus-per-node", "8", "--gpu-memory-gb", "80", "--json", "model=hf"]
+    base += [f"model.name_or_path={llama3_8b}", "model.attention=flash_attention_2", "data.max_length=32768"]
+    base += ["train.global_batch_size=16", "train.micro_batch_size=1"]
+
+    def plan(*extra):
+        return json.loads(sft_plan(*base, *extra).stdout)
+
+    full = plan("train.tiled_loss=false")
+    sp2 = plan("train.tiled_loss=false", "train.sequence_parallel_size=2")
+    assert full["gradient_accumulation"] == 1 and sp2["gradient_accumulation"] == 2  # 16 rows over 8 DP ranks
+    g1, g2 = full["per_gpu_gb"], sp2["per_gpu_gb"]
+    assert g2["activations_checkpointing"] == pytest.approx(g1["activations_checkpointing"] / 2, rel=1e-6)
+    assert g2["logits"] == pytest.approx(g1["logits"] / 2, rel=1e-6)
+    assert g2["model_states"] == pytest.approx(g1["model_states"])  # ZeRO-3 still partitions over all 16
+    tiled = plan("train.tiled_loss=auto")  # auto: on for Llama-3's 128k vocabulary
+    # 32 tiles of 1024 targets (a tile's logits as large as its hidden states): bf16 + fp32 copy + fp32 grad.
+    assert tiled["tiled_loss"] and tiled["per_gpu_gb"]["logits"] * 2**30 == pytest.approx(1024 * 128256 * 10)
+    mlp = plan("train.tiled_loss=false", "train.tiled_mlp=true", "model.gradient_checkpointing=false")
+    no_mlp = plan("train.tiled_loss=false", "model.gradient_checkpointing=false")
+    saved = no_mlp["per_gpu_gb"]["activations"] - mlp["per_gpu_gb"]["activations"]
+    # 32 layers x 4 intermediates x 14336 x 32768 tokens x 2 bytes, less one 4096-token tile in flight.
+    assert saved * 2**30 == pytest.approx(32 * 4 * 14336 * 32768 * 2 - 4 * 14336 * 4096 * 2, rel=1e-6)
