@@ -54,10 +54,10 @@ class StopRequest:
         return self
 
     def _note(self, signum: int, frame: Any) -> None:
+        # Quiet here: a rank that torchrun SIGTERMs because another rank failed is about to die, and its word
+        # would only add a line to that failure's. Rank 0 says it once the ranks have agreed (train loop).
         if self.signame is None:
             self.signame = signal.Signals(signum).name
-            rank = os.environ.get("RANK", "0")
-            print(f"rank {rank}: {self.signame}: stopping after this step", file=sys.stderr, flush=True)
 
     def agreed(self, device: Any) -> str | None:
         """Collective, once per step boundary: the signal's name if any rank was signalled, else None."""

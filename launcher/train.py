@@ -347,6 +347,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             save(state, say=lambda msg: say(rank, msg))
         if state.step < t.max_steps and (signame := stop.agreed(device)):  # one all-reduce; every rank agrees
+            say(rank, f"{signame}: every rank stops after step {step} with a checkpoint")
             if not (t.save_every and step % t.save_every == 0):  # unless saved just above
                 save(state, say=lambda msg: say(rank, msg))
             logger.close()

@@ -91,7 +91,7 @@ CASES = [
     Case("num_proc", ["data.num_proc=0"], ["data.num_proc=0 must be >= 1"]),
     Case("lr", ["train.lr=0"], ["train.lr=0"]),
     Case("beta2", ["train.adam_beta2=1.0"], ["train.adam_beta2=1.0 must be in [0, 1)"]),
-    Case("timeout", ["deepspeed.timeout_minutes=0"], ["deepspeed.timeout_minutes=0 must be positive"]),
+    Case("timeout", ["deepspeed.timeout_minutes=0"], ["deepspeed.timeout_minutes=0.0 must be positive"]),
     Case(
         "sample_fraction", ["data.sources=[{path: a.jsonl, sample_fraction: 1.5}]"], ["sample_fraction=1.5"]
     ),
