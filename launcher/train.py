@@ -281,7 +281,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     optimizer, scheduler_factory = build_optimizer(model, t)
     eng = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config)
     scheduler = eng.lr_scheduler
-    state = checkpoint.resume(eng, cfg, run_dir, sampler_info, lambda msg: say(rank, msg))
+    state = checkpoint.resume(eng, cfg, run_dir, sampler_info, partial(say, rank))
     logger = build_logger(
         rank, run_dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), t.max_steps
     )
@@ -312,7 +312,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     peak = peak_flops(device)
     steps = sampler.steps_from(state.step)
     start_step, metrics = state.step, {}
-    save = partial(checkpoint.save, eng, run_dir / "checkpoints", cfg=cfg, sampler_info=sampler_info)
+    note = partial(say, rank)
+    save = partial(
+        checkpoint.save, eng, run_dir / "checkpoints", cfg=cfg, sampler_info=sampler_info, say=note
+    )
     while state.step < t.max_steps:
         my_rows = [data.train_rows[i] for i in next(steps)]
         t_step = time.time()
@@ -345,11 +348,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             logger.log(ev, step)
             say(rank, f"step {step}: eval_loss {ev['eval_loss']:.4f} (train loss {out['loss']:.4f})")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-            save(state, say=lambda msg: say(rank, msg))
+            save(state)
         if state.step < t.max_steps and (signame := stop.agreed(device)):  # one all-reduce; every rank agrees
             say(rank, f"{signame}: every rank stops after step {step} with a checkpoint")
             if not (t.save_every and step % t.save_every == 0):  # unless saved just above
-                save(state, say=lambda msg: say(rank, msg))
+                save(state)
             logger.close()
             raise lifecycle.Preempted(step, signame)
 
@@ -362,7 +365,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results.update(evaluate())
         logger.log({k: results[k] for k in ("eval_loss", "eval_ppl")}, state.step)
     if t.save_final_checkpoint and state.step > start_step:
-        save(state, say=lambda msg: say(rank, msg))
+        save(state)
     if t.export:
         export_hf(eng, tok, run_dir / "export")
         if t.verify_export:

@@ -93,7 +93,13 @@ CASES = [
     Case("beta2", ["train.adam_beta2=1.0"], ["train.adam_beta2=1.0 must be in [0, 1)"]),
     Case("timeout", ["deepspeed.timeout_minutes=0"], ["deepspeed.timeout_minutes=0.0 must be positive"]),
     Case(
-        "sample_fraction", ["data.sources=[{path: a.jsonl, sample_fraction: 1.5}]"], ["sample_fraction=1.5"]
+        "sample_fraction",
+        [
+            "data.sources=[{path: a.jsonl, sample_fraction: 1.5}]",
+            "train.eval_every=0",
+            "train.exact_match_eval=false",
+        ],
+        ["re:^error: invalid config: data.sources\\[0\\].sample_fraction=1.5 must be in \\(0, 1\\]$"],
     ),
     # ---- the command line ----
     Case("nproc_missing", ["--nproc"], ["--nproc needs a value"]),
