@@ -145,3 +145,23 @@ def test_the_export_check_fails_loudly_when_the_export_is_not_the_trained_model(
             verify_export(engine, tmp_path / "good", row, "sdpa", 1e-4)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.badinput
+def test_preflight_refuses_a_resume_with_other_ranks_or_a_changed_config(tmp_path):
+    """What `sft launch` checks before any rank starts, from the newest complete checkpoint's manifest."""
+    from launcher.config import compose
+
+    run = [f"run_dir={tmp_path}", "train.resume=auto"]
+    cfg = compose(run)
+    tag = fake_checkpoint(tmp_path / "checkpoints", 6)
+    manifest = json.loads((tag / checkpoint.MANIFEST).read_text())
+    manifest.update(world_size=2, config=checkpoint.exactness_config(cfg))
+    (tag / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    checkpoint.preflight(cfg, 2)  # the same run on the same ranks resumes
+    with pytest.raises(ValueError, match="saved by 2 ranks and this run has 4: ZeRO shards belong"):
+        checkpoint.preflight(cfg, 4)
+    with pytest.raises(ValueError, match=r"differs from checkpoint .*step6's in train.lr \(0.002 -> 0.001\)"):
+        checkpoint.preflight(compose([*run, "train.lr=1e-3"]), 2)
+    checkpoint.preflight(compose([*run, "train.lr=1e-3", "train.allow_config_change=true"]), 2)
+    checkpoint.preflight(compose([*run, "train.eval_every=7", "train.save_every=3"]), 2)  # cadence may change
