@@ -290,8 +290,9 @@ def check_device(m: Any, device_type: str) -> None:
         raise UserError("model.dtype=bf16 on CPU is not supported here: use model.dtype=auto or fp32")
 
 
-def check_model_config(m: Any, device_type: str) -> None:
-    """The model's config builds (random init) or reads (local dir), and the attention backend suits it."""
+def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1) -> None:
+    """The model's config builds (random init) or reads (local dir), the attention backend suits it, and its
+    heads split over the sequence-parallel group."""
     import torch
     from transformers import AutoConfig
 
@@ -315,6 +316,10 @@ def check_model_config(m: Any, device_type: str) -> None:
         resolve_backend(
             m.attention.value, torch.device(device_type), config, torch.bfloat16 if bf16 else torch.float32
         )
+        if sequence_parallel_size > 1:
+            from launcher.sequence_parallel import check_heads
+
+            check_heads(sequence_parallel_size, config)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -338,6 +343,6 @@ def check(cfg: DictConfig, world_size: int, device_type: str) -> None:
     check_resume(cfg, world_size)
     check_sources(cfg.data)
     check_model(cfg.model)
-    check_model_config(cfg.model, device_type)
+    check_model_config(cfg.model, device_type, cfg.train.sequence_parallel_size)
     _probe_writable("run_dir", str(cfg.run_dir))
     _probe_writable("cache_dir", str(cfg.cache_dir))

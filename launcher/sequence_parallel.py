@@ -9,9 +9,10 @@ S consecutive ranks share every packed row: each holds T/S of its tokens (and th
 the token after a shard's last one lives on the next rank). Each attention layer's core function is wrapped:
 q/k/v are exchanged all-to-all from [B, H, T/S, D] (all heads, a slice of the sequence) to [B, H/S, T, D] (a
 slice of the heads, the whole sequence), the backend's own attention runs over the whole row, and the output
-goes back the same way. The document mask is rebuilt there, from the position ids of the whole row gathered
-over the group (a float block-diagonal causal mask for sdpa/eager, a document BlockMask for flex attention),
-with the layer's sliding window. DeepSpeed's `UlyssesSPAttentionHF` instead discards 4D masks and attends
+goes back the same way. Document isolation is rebuilt there for the whole row: a float block-diagonal causal
+mask for sdpa/eager and a document BlockMask for flex attention (from the position ids gathered over the group,
+with the layer's sliding window), and the whole row's `cu_seq_lens` for the varlen kernels (torch_varlen,
+flash-attn), which apply the window themselves. DeepSpeed's `UlyssesSPAttentionHF` instead discards 4D masks and attends
 causally over the gathered sequence, which lets every packed document see the ones before it.
 
 Data parallelism is `world / S`: the sampler deals rows to `dp_world` data-parallel ranks, and every rank of
@@ -30,10 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launcher.attention import MASK_BACKENDS, block_causal_float_mask, document_block_mask
+from launcher.attention import VARLEN_BACKENDS, block_causal_float_mask, document_block_mask
 from launcher.data.template import IGNORE_INDEX
 
-SP_BACKENDS = (*MASK_BACKENDS, "flex_attention")
 PREFIX = "sft_sp_"  # the wrapped backend's name in transformers' attention registry: sft_sp_sdpa, ...
 
 
@@ -43,9 +43,23 @@ class _State:
     sp: SequenceParallel | None = None
     positions: torch.Tensor | None = None  # [B, T]: the whole rows' position ids
     masks: dict[Any, Any] = {}  # (window, dtype) -> mask, built once per micro-batch
+    varlen: dict[
+        str, Any
+    ] = {}  # the whole flattened row's cu_seq_lens_q/k and max_length_q/k (varlen kernels)
 
 
 _STATE = _State()
+
+
+def check_heads(size: int, model_config: Any) -> None:
+    """Each rank of a group attends for heads / S query heads and kv_heads / S key/value heads."""
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", None) or heads
+    if heads % size or kv % size:
+        raise ValueError(
+            f"train.sequence_parallel_size={size} must divide the model's attention heads ({heads}) "
+            f"and key/value heads ({kv})"
+        )
 
 
 class SequenceParallel:
@@ -65,28 +79,11 @@ class SequenceParallel:
                 if first <= rank < first + size:
                     self.group = group
 
-    def check_model(self, model_config: Any, attention: str) -> None:
-        """Heads must split evenly over the group, and the backend must be one whose mask is rebuilt here."""
-        if self.size == 1:
-            return
-        if attention not in SP_BACKENDS:
-            raise ValueError(
-                f"train.sequence_parallel_size={self.size} supports model.attention in {', '.join(SP_BACKENDS)} "
-                f"(got {attention})"
-            )
-        heads = model_config.num_attention_heads
-        kv = getattr(model_config, "num_key_value_heads", None) or heads
-        if heads % self.size or kv % self.size:
-            raise ValueError(
-                f"train.sequence_parallel_size={self.size} must divide the model's attention heads ({heads}) "
-                f"and key/value heads ({kv})"
-            )
-
     def install(self, model: torch.nn.Module, attention: str) -> None:
         """Route the model's core attention through the sequence-parallel wrapper (a no-op for S=1)."""
         if self.size == 1:
             return
-        self.check_model(model.config, attention)
+        check_heads(self.size, model.config)
         from transformers import AttentionInterface
 
         AttentionInterface.register(PREFIX + attention, _sp_attention)
@@ -115,6 +112,7 @@ class SequenceParallel:
         mine = slice(self.sp_rank * n, (self.sp_rank + 1) * n)
         local_pos = pos[:, mine].contiguous()
         _STATE.sp, _STATE.positions, _STATE.masks = self, self.gather_positions(local_pos), {}
+        _STATE.varlen = whole_row_boundaries(batch, pad)
         try:
             yield {
                 "input_ids": ids[:, mine],
@@ -123,7 +121,7 @@ class SequenceParallel:
                 "use_cache": False,
             }
         finally:
-            _STATE.sp, _STATE.positions, _STATE.masks = None, None, {}
+            _STATE.sp, _STATE.positions, _STATE.masks, _STATE.varlen = None, None, {}, {}
 
     def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         """[B, T, V] logits of whole rows computed sequence-parallel (every rank of the group gets them all)."""
@@ -141,6 +139,17 @@ class SequenceParallel:
         parts = [torch.empty_like(local) for _ in range(self.size)]
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=1)
+
+
+def whole_row_boundaries(batch: dict[str, Any], pad: int) -> dict[str, Any]:
+    """A varlen batch's document boundaries over its whole flattened row, padding included as one more
+    document (empty for other backends, whose batches carry no `cu_seq_lens_q`)."""
+    if "cu_seq_lens_q" not in batch:
+        return {}
+    cu, longest = batch["cu_seq_lens_q"], int(batch["max_length_q"])
+    if pad:
+        cu, longest = torch.cat([cu, cu[-1:] + pad]), max(longest, pad)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def _all_to_all(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
@@ -245,7 +254,13 @@ def _sp_attention(
     if sp is None:
         return base(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
     q, k, v = (_SeqToHeads.apply(x, sp.group, sp.size) for x in (query, key, value))
-    mask = document_mask(backend, sliding_window, q.dtype)
-    out, _ = base(module, q, k, v, mask, **kwargs)  # [B, T, H/S, D]
+    if backend in VARLEN_BACKENDS:
+        # The model handed this rank's own position ids (and, for flash-attn, boundaries it may have derived
+        # from them): the kernel gets the whole row's boundaries instead, and applies the window itself.
+        kwargs.update(_STATE.varlen, position_ids=_STATE.positions)
+        out, _ = base(module, q, k, v, None, sliding_window=sliding_window, **kwargs)
+    else:
+        mask = document_mask(backend, sliding_window, q.dtype)
+        out, _ = base(module, q, k, v, mask, **kwargs)  # [B, T, H/S, D]
     out = _HeadsToSeq.apply(out.transpose(1, 2), sp.group, sp.size)  # [B, H, T/S, D]
     return out.transpose(1, 2).contiguous(), None

@@ -1,9 +1,11 @@
 """torchrun worker for test_long_context_dist: Ulysses sequence parallelism (S = world) on a real ZeRO-3 engine.
 
-`logits`: for each architecture and backend, a packed row's logits under SP, gathered over the group, against
-each document run alone through a plain copy of the model (no packing, no SP, no DeepSpeed: sdpa with the
-model's own causal and sliding-window masks). `stock`: the same with DeepSpeed's own UlyssesSPAttentionHF, which attends causally over the gathered
-row. Rank 0 writes the max abs differences per (arch, backend, document)."""
+`logits`: for each architecture and backend, the logits of a micro-batch of two packed rows under SP, gathered
+over the group, against each document run alone through a plain copy of the model (no packing, no SP, no
+DeepSpeed: sdpa with the model's own causal and sliding-window masks). torch_varlen runs through
+tests/reference_kernels.py's kernel (PyTorch's is CUDA-only): what is tested is our side, the whole flattened
+batch's boundaries handed to the kernel. `stock`: one row, with DeepSpeed's own UlyssesSPAttentionHF, which
+attends causally over the gathered row. Rank 0 writes the max abs differences per (arch, backend, document)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,12 @@ ARCHS = {
     "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "mistral_sliding": dict(model_type="mistral", sliding_window=5),
 }
-LENGTHS = [9, 13, 6, 11]  # 39 tokens: one row, padded to an even length for S=2
+LENGTHS = [
+    9,
+    13,
+    6,
+    11,
+]  # 39 tokens: one row for `stock`, two for `logits` (varlen: 39, padded to 40 for S=2)
 
 
 def documents() -> list[dict]:
@@ -93,10 +100,20 @@ def main(mode: str, out: str) -> None:
     )
     ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False, sp_size=world)
     docs = documents()
-    row = pack_examples(docs, max_length=64)
-    assert len(row) == 1
+    # `logits`: a micro-batch of two rows (the varlen batch lays them end to end); `stock`: one row, so every
+    # document after the first has others before it.
+    rows = pack_examples(docs, max_length=64 if mode == "stock" else 24)
+    assert len(rows) == (1 if mode == "stock" else 2)
     archs = {"llama": ARCHS["llama"]} if mode == "stock" else ARCHS
-    backends = ["sdpa"] if mode == "stock" else ["sdpa", "eager", "flex_attention"]
+    backends = ["sdpa"] if mode == "stock" else ["sdpa", "eager", "flex_attention", "torch_varlen"]
+    if mode != "stock":
+        import torch.nn.attention.varlen as varlen
+        from reference_kernels import reference_varlen_attn  # tests/ is this script's folder
+
+        from launcher.attention import register_varlen
+
+        varlen.varlen_attn = reference_varlen_attn
+        register_varlen()
     results = {}
     for name, extra in archs.items():
         cfg = AutoConfig.for_model(**{**SMALL, **extra})
@@ -123,18 +140,22 @@ def main(mode: str, out: str) -> None:
                 eng.module.config._attn_implementation = "ds_stock"
             else:
                 sp.install(eng.module, backend)
-            batch = collate(row, backend, 0)
+            batch = collate(rows, backend, 0)
             with torch.no_grad(), sp.shard(batch) as local:
                 inputs = model_inputs(local)
                 if mode == "stock":
                     inputs.pop("attention_mask", None)
                 logits = gather_seq(eng(**inputs).logits, sp.group)
-            start = 0
-            for i, n in enumerate(doc_lengths(row[0]["position_ids"])):  # the packer orders documents its way
-                with torch.no_grad():
-                    alone = ref(input_ids=torch.tensor([row[0]["input_ids"][start : start + n]])).logits[0]
-                results[(name, backend, i)] = (logits[0, start : start + n] - alone).abs().max().item()
-                start += n
+            i, flat = 0, 0  # document number, and offset in a varlen batch's one flattened row
+            for r, row in enumerate(rows):
+                start = 0
+                for n in doc_lengths(row["position_ids"]):  # the packer orders documents its way
+                    with torch.no_grad():
+                        alone = ref(input_ids=torch.tensor([row["input_ids"][start : start + n]])).logits[0]
+                    b, at = (0, flat + start) if logits.shape[0] == 1 else (r, start)
+                    results[(name, backend, i)] = (logits[b, at : at + n] - alone).abs().max().item()
+                    start, i = start + n, i + 1
+                flat += len(row["input_ids"])
     if info.rank == 0:
         torch.save(results, out)
     dist.barrier()

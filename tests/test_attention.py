@@ -13,6 +13,7 @@ from launcher.data.packing import doc_lengths
 from launcher.evaluate import check_packing, packing_error
 from launcher.loss import token_loss
 from launcher.model import load_model
+from tests.reference_kernels import reference_varlen_attn
 
 SMALL = dict(
     vocab_size=97,
@@ -206,37 +207,6 @@ def test_target_only_lm_head_gives_the_same_loss_and_gradients(model_dirs, atten
     (s0, n0, g0), (s1, n1, g1) = results
     assert n0 == n1 and abs(s0 - s1) < 1e-4
     torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
-
-
-def reference_varlen_attn(
-    q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
-):
-    """PyTorch's `varlen_attn` contract, computed per document with plain math (the kernel itself is CUDA-only).
-
-    q/k/v are [N, H, D] over documents laid end to end at `cu_q`; window_size=(left, right) as documented:
-    (-1, 0) is causal, (W, 0) is causal with each query seeing itself and the W keys before it.
-    """
-    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
-    assert q.dtype == k.dtype == v.dtype, "the kernel takes one dtype for q, k and v"
-    if k.shape[1] != q.shape[1]:
-        assert enable_gqa, "GQA inputs without enable_gqa=True"
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    left, right = window_size
-    out = torch.empty_like(q)
-    bounds = cu_q.tolist()
-    assert max(b - a for a, b in zip(bounds, bounds[1:])) == max_q == max_k
-    for a, b in zip(bounds, bounds[1:]):
-        i = torch.arange(b - a)
-        allowed = torch.ones(b - a, b - a, dtype=torch.bool)
-        if right >= 0:
-            allowed &= i[None, :] <= i[:, None] + right
-        if left >= 0:
-            allowed &= i[None, :] >= i[:, None] - left
-        scores = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * (scale or q.shape[-1] ** -0.5)
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-        out[a:b] = torch.einsum("hqk,khd->qhd", probs, v[a:b])
-    return out
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2_sliding", "mistral_sliding", "gemma3"])

@@ -85,6 +85,13 @@ CASES = [
     Case("global_batch_0", ["train.global_batch_size=0"], ["train.global_batch_size=0 must be positive"]),
     Case("global_batch_7", ["train.global_batch_size=7"], ["global_batch_size=7 must be divisible"]),
     Case("save_every", ["train.save_every=-1"], ["train.save_every=-1 must be >= 0"]),
+    Case(
+        "sp_heads",
+        ["train.sequence_parallel_size=2", "model.init.num_key_value_heads=1", "train.global_batch_size=4"],
+        [
+            "train.sequence_parallel_size=2 must divide the model's attention heads (4) and key/value heads (1)"
+        ],
+    ),
     Case("eval_every", ["train.eval_every=-5"], ["train.eval_every=-5 must be >= 0"]),
     Case("grad_clip", ["train.grad_clip=-1.0"], ["train.grad_clip=-1.0 must be >= 0"]),
     Case("eval_size", ["data.eval_size=-3"], ["data.eval_size=-3 must be >= 0"]),

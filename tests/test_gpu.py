@@ -102,3 +102,35 @@ def test_sft_launch_trains_on_the_gpu_in_bf16_with_the_varlen_kernel(tmp_path):
     assert "packing_check_rel" in (run_dir / "results.json").read_text()
     if "H100" in torch.cuda.get_device_name():
         assert 0 < [r for r in rows if "mfu" in r][-1]["mfu"] < 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sequence parallelism over NCCL needs 2 GPUs")
+def test_sequence_parallel_on_two_gpus_with_the_varlen_kernel_trains_like_s1(tmp_path):
+    """S=2 on 2 GPUs with the varlen kernel `auto` picks (flash-attn or torch_varlen): each rank holds half of
+    every flattened micro-batch, and the kernel gets the whole batch's boundaries. The losses follow S=1's (bf16:
+    the order of the sums differs, so not bit for bit)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    losses = {}
+    for s in (1, 2):
+        run_dir = tmp_path / f"s{s}"
+        overrides = ["train.max_steps=10", "train.log_every=1", "train.exact_match_eval=false"]
+        overrides += [
+            "logging.wandb_mode=disabled",
+            "logging.progress=false",
+            f"train.sequence_parallel_size={s}",
+        ]
+        cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *overrides]
+        cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", "train.global_batch_size=8"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert "attention=flash_attention_2" in proc.stdout or "attention=torch_varlen" in proc.stdout
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[s] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[1]) == len(losses[2]) == 10
+    for a, b in zip(losses[1], losses[2], strict=True):
+        assert abs(a - b) <= 2e-2 * abs(a), losses
