@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from launcher import lifecycle
+
 USAGE = __doc__
 
 COMMAND_USAGE = {
@@ -88,7 +90,8 @@ def cmd_train(overrides: list[str]) -> int:
     try:
         train(cfg)  # ends with a barrier: every rank has finished writing
     except lifecycle.Preempted as e:
-        print(f"rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped after the same step: one says it
+            print(f"rank 0: {e}", file=sys.stderr, flush=True)
         return lifecycle.EXIT_PREEMPTED
     return 0
 
@@ -167,7 +170,12 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
     print("launching:", " ".join(cmd), flush=True)
     t0 = time.time()
     me = os.getpid()
-    code = subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(me))
+    # A session of its own: Ctrl-C in the terminal reaches only this process, which turns it into an agreed stop.
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(me))
+    with lifecycle.LaunchStop(agent) as stop:
+        code = agent.wait()
+    if stop.signame:
+        return stopped(stop, code, run_dir, args, nproc)
     if not code:  # on success rank 0's `run_dir:` stays the last line
         return 0
     err, lost = first_error(errors), lost_ranks(errors)
@@ -182,6 +190,30 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
     kind = "error" if err["user"] else "internal error"
     print(f"{kind} (rank {err['rank']}): {err['message']} [traceback: {err['traceback']}]", file=sys.stderr)
     return 2 if err["user"] else 1
+
+
+def stopped(stop: lifecycle.LaunchStop, code: int, run_dir: Path, args: list[str], nproc: int) -> int:
+    """The launcher's one line after a stop signal: where the run can resume from, and how. Exit code:
+    EXIT_PREEMPTED when the ranks agreed on a step and saved it, 128 + the signal when they were ended before."""
+    import shlex
+    import signal
+
+    from launcher.checkpoint import newest_complete
+
+    if code == 0:  # the run finished before the ranks saw the request
+        return 0
+    ckpt, _ = newest_complete(run_dir / "checkpoints")
+    again = ["sft", "launch", "--nproc", str(nproc), *[a for a in args if not a.startswith("train.resume=")]]
+    resume = f"resume with: {shlex.join([*again, 'train.resume=auto'])}"
+    if code == lifecycle.EXIT_PREEMPTED and not stop.forced and ckpt is not None:
+        print(f"stopped on {stop.signame}: checkpoint {ckpt} saved; {resume}", file=sys.stderr)
+        return lifecycle.EXIT_PREEMPTED
+    when = (
+        "at once, on a second signal" if stop.forced else f"before a checkpoint was saved (exit code {code})"
+    )
+    then = f"the newest complete checkpoint is {ckpt}; {resume}" if ckpt else f"no checkpoint in {run_dir}"
+    print(f"stopped on {stop.signame} {when}: {then}", file=sys.stderr)
+    return 128 + signal.Signals[stop.signame].value
 
 
 def cmd_prepare(overrides: list[str]) -> int:

@@ -17,6 +17,11 @@ The requeue contract (used by `slurm/sft.sbatch` through `python -m launcher.lif
 
 A requeued job keeps its job id, so its run dir (`runs/slurm-<job id>`) and `train.resume=auto` find the
 checkpoint; the metrics file is appended to and the wandb run continues under the id kept in the run dir.
+
+`sft launch` (torchrun here) stops the same way on Ctrl-C, SIGTERM (a scheduler, `docker stop`) or SIGUSR1 sent to
+it (`LaunchStop`): the agent runs in a session of its own, so the terminal's SIGINT reaches only the launcher, which
+passes a SIGTERM to each rank: they agree on a step, save and exit with `EXIT_PREEMPTED`. A second signal ends
+the ranks at once, without a checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class Preempted(Exception):
     """Every rank stopped after `step` on a signal; the checkpoint of that step is complete."""
 
     def __init__(self, step: int, signame: str):
-        super().__init__(f"stopped on {signame} after step {step}; checkpoint saved: requeue to resume")
+        super().__init__(f"stopped on {signame} after step {step}; checkpoint saved")
         self.step = step
 
 
@@ -69,6 +74,72 @@ class StopRequest:
         )
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return signal.Signals(int(flag.item())).name if int(flag.item()) else None
+
+
+class LaunchStop:
+    """`sft launch`'s side of a stop: the first SIGINT/SIGTERM/SIGUSR1 is passed on to the ranks as SIGTERM (a
+    stop request, see `StopRequest`), a second kills the agent's session at once. Use as a context manager
+    around waiting for the agent (started with `start_new_session=True`)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, agent: subprocess.Popen) -> None:
+        self.agent = agent
+        self.signame: str | None = None  # the first stop signal received
+        self.forced = False  # a second one ended the ranks without a checkpoint
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> LaunchStop:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signame is None:
+            self.signame = name
+            ranks = child_pids(self.agent.pid)
+            print(
+                f"sft launch: {name}: the {len(ranks)} ranks stop after the current step and save a checkpoint "
+                f"(send it again to stop at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
+            for pid in ranks:
+                _kill(pid, signal.SIGTERM)
+            return
+        self.forced = True
+        print(f"sft launch: {name} again: ending the ranks now", file=sys.stderr, flush=True)
+        try:  # the agent's session; its ranks die with it (PDEATHSIG)
+            os.killpg(self.agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def child_pids(parent: int) -> list[int]:
+    """The live processes whose parent is `parent` (Linux /proc): the ranks torchrun's agent started."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            # Fields after the command name (which may hold spaces and parentheses): state, ppid, ...
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                out.append(int(entry))
+    return out
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def after_step(code: int, env: dict[str, str] | None = None) -> int:

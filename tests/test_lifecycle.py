@@ -5,6 +5,8 @@ checkpoint still loads. (Under srun: tests/test_slurm.py.)"""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_resume import COMMON, launch, logged_steps, ranks_running
+from tests.test_resume import COMMON, launch, logged_steps, ranks_running, train_rows
 
 # Training collectives time out after 30 s here; data preparation keeps its own long timeout.
 SHORT_TIMEOUT = "deepspeed.timeout_minutes=0.5"
@@ -101,3 +103,86 @@ def test_rank_dies_silently_the_collective_timeout_ends_the_job(tmp_path):
     # rank 0's collective timed out; torchrun then gave the stopped rank 30 s to end before SIGKILL.
     assert "error: rank 1 (SIGKILL) died after" in log and "Timed out waiting 30000ms" in log, log[-3000:]
     print(f"job ended {took:.1f}s after rank 1 stopped answering (collective timeout 30 s)")
+
+
+def start_launch(run_dir: Path, cache: Path, *extra: str, model: list[str] = COMMON) -> subprocess.Popen:
+    """`sft launch --nproc 2` as a terminal runs it: the launcher leads its own process group. Its stderr goes to
+    `<run_dir>.err` (read while it runs)."""
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *model, *extra]
+    cmd += [f"run_dir={run_dir}", f"cache_dir={cache}"]
+    with open(f"{run_dir}.err", "w") as err:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+        )
+
+
+def signal_at_step(proc: subprocess.Popen, run_dir: Path, step: int, sig: int) -> None:
+    """Ctrl-C in a terminal (SIGINT to the foreground process group), or another signal, once `step` is logged."""
+    deadline = time.time() + 300
+    while logged_steps(run_dir) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job ended before the signal"
+    os.killpg(proc.pid, sig)
+
+
+def wait_for(path: str, text: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while text not in Path(path).read_text() and time.time() < deadline:
+        time.sleep(0.01)
+    assert text in Path(path).read_text(), Path(path).read_text()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.resume
+def test_ctrl_c_on_sft_launch_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    """Ctrl-C reaches the launcher (the agent and ranks have sessions of their own): the ranks agree on a step,
+    save it, and the launcher says where and how to resume, in one line, exit 75; the printed command resumes."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    proc = start_launch(run_dir, cache, "train.max_steps=60")
+    signal_at_step(proc, run_dir, 3, signal.SIGINT)
+    proc.communicate(timeout=300)
+    err = Path(f"{run_dir}.err").read_text()
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    found = re.search(r"^stopped on SIGINT: checkpoint (\S+)/step(\d+) saved; resume with: (.+)$", err, re.M)
+    assert found, err[-3000:]
+    step = int(found[2])
+    assert 3 <= step < 60 and Path(found[1]) == run_dir / "checkpoints"
+    assert not ranks_running(run_dir)
+    again = shlex.split(found[3])
+    assert again[:4] == ["sft", "launch", "--nproc", "2"] and again[-1] == "train.resume=auto"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *again[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {step}" in resumed.stdout
+    assert sorted(train_rows(run_dir)) == list(range(1, 61))
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_second_signal_ends_the_ranks_at_once(tmp_path):
+    """SIGTERM, then SIGTERM again before the ranks have saved (an impatient scheduler, or Ctrl-C twice): no
+    waiting for the checkpoint, nothing left running, exit 128 + 15, and the line says there is no checkpoint.
+    The demo's model size: a step and a save take long enough to signal twice in between."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    model = [c for c in COMMON if not c.startswith("model.init.")]
+    proc = start_launch(run_dir, cache, "train.max_steps=400", "train.save_every=0", model=model)
+    signal_at_step(proc, run_dir, 2, signal.SIGTERM)
+    wait_for(f"{run_dir}.err", "sft launch: SIGTERM: the 2 ranks stop after the current step")
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    err = Path(f"{run_dir}.err").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert f"stopped on SIGTERM at once, on a second signal: no checkpoint in {run_dir}" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert logged_steps(run_dir) < 400
+    deadline = time.time() + 10
+    while ranks_running(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not ranks_running(run_dir)
