@@ -19,14 +19,14 @@ from launcher.tiled_mlp import install_tiled_mlp
 LAYERS, HIDDEN = 3, 32
 
 
-def tiny_llama(tiled_mlp: bool) -> torch.nn.Module:
+def tiny_llama(tiled_mlp: bool, hidden: int = HIDDEN) -> torch.nn.Module:
     model_cfg = OmegaConf.create(
         {
             "name_or_path": None,
             "trust_remote_code": False,
             "init": {
                 "model_type": "llama",
-                "hidden_size": HIDDEN,
+                "hidden_size": hidden,
                 "intermediate_size": 64,
                 "num_hidden_layers": LAYERS,
                 "num_attention_heads": 4,
@@ -41,59 +41,64 @@ def tiny_llama(tiled_mlp: bool) -> torch.nn.Module:
     return model.train()
 
 
-def packed_batch() -> dict:
+def packed_batch(scale: int = 1, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(1)
-    docs = [{"input_ids": torch.randint(1, 61, (n,), generator=g).tolist()} for n in (7, 5, 9, 11)]
+    docs = [{"input_ids": torch.randint(1, 61, (n * scale,), generator=g).tolist()} for n in (7, 5, 9, 11)]
     for d in docs:
         d["labels"] = [-100, *d["input_ids"][1:]]
-    return collate(pack_examples(docs, max_length=16), "sdpa")  # 2 rows of 16 tokens
+    batch = collate(pack_examples(docs, max_length=16 * scale), "sdpa")  # 2 rows of 16 x scale tokens
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def run(offload: bool, tiled_mlp: bool = False, copy: bool | None = None):
-    """(loss, gradients, the offload's counters after forward and after backward, how many layer inputs were
-    still alive after forward)."""
-    model = tiny_llama(tiled_mlp)
+def run(
+    offload: bool, tiled_mlp: bool = False, copy: bool | None = None, device: str = "cpu", scale: int = 1
+) -> dict:
+    """One forward and backward: loss, gradients, the offload's counters after forward and after backward, how
+    many layer inputs were still alive after forward, and on a GPU the memory forward left allocated."""
+    model = tiny_llama(tiled_mlp, HIDDEN * scale).to(device)
     hooks = enable_checkpointing(model, offload)
     if hooks is not None:
         hooks.copy = copy
     inputs = []
     for layer in model.model.layers:
         layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
-    loss_sum, n = target_token_loss(model, packed_batch())
+    cuda = device == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else 0
+    loss_sum, n = target_token_loss(model, packed_batch(scale, device))
     gc.collect()
-    alive = sum(r() is not None for r in inputs)
-    after_forward = hooks.take() if hooks else None
+    out = {"alive": sum(r() is not None for r in inputs), "loss": loss_sum.detach()}
+    out["forward_allocated"] = torch.cuda.memory_allocated() - before if cuda else None
+    out["forward"] = hooks.take() if hooks else None
     (loss_sum / n).backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    out["grads"] = torch.cat([p.grad.flatten() for p in model.parameters()])
     if hooks:
         assert hooks.held == 0  # backward freed the graph, and with it every packed input
-    return loss_sum.detach(), grads, after_forward, (hooks.take() if hooks else None), alive
+        out["backward"] = hooks.take()
+    return out
 
 
 @pytest.mark.parametrize("tiled_mlp", [False, True], ids=["mlp", "tiled_mlp"])
 def test_offload_same_loss_and_grads_and_only_layer_inputs_packed(tiled_mlp):
-    loss, grads, _, _, _ = run(False, tiled_mlp)
-    loss_off, grads_off, fwd, bwd, _ = run(True, tiled_mlp)
-    torch.testing.assert_close(loss_off, loss, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grads_off, grads, atol=1e-6, rtol=1e-5)
-    assert grads.abs().max() > 1e-4
+    plain, off = run(False, tiled_mlp), run(True, tiled_mlp)
+    torch.testing.assert_close(off["loss"], plain["loss"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(off["grads"], plain["grads"], atol=1e-6, rtol=1e-5)
+    assert plain["grads"].abs().max() > 1e-4
     # The pack hook saw each layer's input [B, T, hidden] once, and nothing else (no weight, no activation
     # inside a layer: those go through the checkpoint's own hooks and are recomputed).
+    fwd = off["forward"]
     assert fwd["shapes"] == {(2, 16, HIDDEN): LAYERS}, fwd
     assert fwd["tensors"] == LAYERS and fwd["bytes"] == LAYERS * 2 * 16 * HIDDEN * 4
     assert fwd["peak_bytes"] == fwd["bytes"]  # all of them at once, between forward and backward
-    assert bwd["tensors"] == 0  # the recompute packs nothing
+    assert off["backward"]["tensors"] == 0  # the recompute packs nothing
 
 
 def test_offloaded_layer_inputs_leave_the_graph():
     """Copied to another buffer (as on a GPU), the layer inputs are freed after forward: nothing else (no
     closure, no second reference) keeps the originals; with plain checkpointing all of them stay alive."""
-    _, _, _, _, kept = run(False)
-    _, grads, fwd, _, kept_offload = run(True, copy=True)
-    assert kept == LAYERS and kept_offload == 0, (kept, kept_offload)
-    assert fwd["tensors"] == LAYERS
-    _, plain, _, _, _ = run(False)
-    torch.testing.assert_close(grads, plain, atol=1e-6, rtol=1e-5)
+    plain, off = run(False), run(True, copy=True)
+    assert plain["alive"] == LAYERS and off["alive"] == 0, (plain["alive"], off["alive"])
+    assert off["forward"]["tensors"] == LAYERS
+    torch.testing.assert_close(off["grads"], plain["grads"], atol=1e-6, rtol=1e-5)
 
 
 def test_offload_skips_weights_and_releases_host_memory():
@@ -107,3 +112,18 @@ def test_offload_skips_weights_and_releases_host_memory():
     del held
     gc.collect()
     assert hooks.held == 0  # released: nothing held in host memory any more
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_on_the_gpu_frees_the_layer_inputs_there():
+    """On CUDA the inputs are copied to pinned host memory and back: same gradients, the originals freed, and
+    the memory forward leaves allocated lower by at least the layer inputs' bytes."""
+    scale = 8  # 2 rows of 128 tokens, hidden 256: 256 KiB per layer input in fp32
+    plain, off = run(False, device="cuda", scale=scale), run(True, device="cuda", scale=scale)
+    torch.testing.assert_close(off["grads"], plain["grads"], atol=1e-6, rtol=1e-5)
+    assert plain["alive"] == LAYERS and off["alive"] == 0, (plain["alive"], off["alive"])
+    inputs = LAYERS * 2 * 16 * scale * HIDDEN * scale * 4
+    assert off["forward"]["bytes"] == inputs
+    saved = plain["forward_allocated"] - off["forward_allocated"]
+    assert saved >= inputs, (plain["forward_allocated"], off["forward_allocated"], inputs)
