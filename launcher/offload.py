@@ -9,12 +9,15 @@ accelerator. With `model.checkpoint_offload=true` every checkpointed layer runs 
 CUDA) and whose unpack hook copies it back when backward recomputes the layer.
 
 Why non-reentrant checkpointing, not reentrant: torch (read and tested on 2.13) saves a non-reentrant
-checkpoint's tensor inputs as saved variables (`_CheckpointFrame.save_inputs`), before it installs its own
-hooks, so the innermost hooks around the call, ours, pack them (it does not hold them in a closure); the layer's own activations inside the region
-go through the checkpoint's hooks and are recomputed as before. Keeping non-reentrant checkpointing keeps
-everything it already handles (inputs that do not require grad, keyword arguments such as the rotary
-embeddings, ZeRO-3's parameter hooks, the SP all-to-alls in the recompute), and the same numbers bit for bit.
-`tests/test_offload.py` shows the pack hook gets exactly the layer inputs and that the originals are freed.
+checkpoint's tensor inputs as saved variables (`_CheckpointFrame.save_inputs`) before it installs its own
+hooks, so the innermost hooks around the call, ours, pack them (they are not held in a closure); the layer's
+own activations inside the region go through the checkpoint's hooks and are recomputed as before. Keeping
+non-reentrant checkpointing keeps everything it already handles (inputs that do not require grad, keyword
+arguments such as the rotary embeddings, ZeRO-3's parameter hooks, the SP all-to-alls in the recompute), and
+the same numbers bit for bit. `tests/test_offload.py` shows the pack hook gets exactly the layer inputs and
+that the originals are freed. (transformers 5.23's `activation_checkpointing_enable(offload=True)` wraps the
+same call in torch's `save_on_cpu`; this module adds what it lacks: counters that make the offload visible,
+on CPU too, and weights never packed.)
 
 On a CPU-only machine the inputs already live in host memory: nothing is copied, but every tensor that would
 be is counted the same way, so the mechanism stays observable (and tested) there.
