@@ -13,7 +13,9 @@ the DeepSpeed config, and estimates per-GPU memory of a ZeRO-3 run:
   (norm inputs and outputs, q/k/v before and after rotary, the attention output, the MLP's gate, up, activation
   and product), or with gradient checkpointing the layer inputs plus one layer recomputed. Fused attention
   kernels (flash, varlen, sdpa's memory-efficient path) keep no seq x seq buffer; `eager` keeps its scores and
-  probabilities, and `sdpa`/`eager` get a float block-diagonal mask.
+  probabilities, and `sdpa`/`eager` get a float block-diagonal mask. With `model.checkpoint_offload` the
+  layer inputs wait in host memory: the GPU keeps one of them (the layer running or being recomputed) plus one
+  layer recomputed; the host holds all of them (`checkpoint_offload_host`, per GPU).
 - logits and loss buffers: the LM head runs only at positions with a target (bf16 logits, their fp32 copy for
   the cross-entropy, and its fp32 gradient); with `train.tiled_loss`, one tile of them at a time.
 - sequence parallelism (`train.sequence_parallel_size=S`): every per-token term is divided by S, the float
@@ -183,8 +185,15 @@ def activations_gb(
     # The float document mask covers the whole (gathered) row on every rank, whatever sp is.
     mask = rows * row_len * row_len * bytes_ if attention in ("sdpa", "eager") else 0
     full = layers * (per_layer + quadratic) + mask + in_flight
-    ckpt = layers * local * h * bytes_ + per_layer + quadratic + mask + in_flight
-    return {"no_checkpointing": full / GB, "checkpointing": ckpt / GB}
+    inputs = layers * local * h * bytes_  # what each checkpointed layer keeps for backward: its input
+    ckpt = inputs + per_layer + quadratic + mask + in_flight
+    offload = local * h * bytes_ + per_layer + quadratic + mask + in_flight  # one input back on the GPU
+    return {
+        "no_checkpointing": full / GB,
+        "checkpointing": ckpt / GB,
+        "checkpoint_offload": offload / GB,
+        "checkpoint_offload_host": inputs / GB,
+    }
 
 
 def logits_gb(shape: dict, targets: float, tiled: bool = False) -> float:
@@ -215,15 +224,22 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
     trained = data.get("trained_fraction", 1.0)
     attention = cfg.model.attention.value
 
-    def per_gpu(micro: int, ckpt: bool, off_opt: bool, off_par: bool, gpus: int) -> dict[str, float]:
+    def per_gpu(
+        micro: int, ckpt: bool, off_opt: bool, off_par: bool, gpus: int, off_ckpt: bool = False
+    ) -> dict[str, float]:
         states = model_states_gb(shape, gpus, bf16, off_opt, off_par)
         act = activations_gb(
             shape, micro * row_len, 2 if bf16 else 4, attention, (micro, row_len), sp, t.tiled_mlp
         )
         out = {k: states[k] for k in ("params", "grads", "optimizer", "gathered_layer", "model_states")}
-        out["activations"] = act["checkpointing" if ckpt else "no_checkpointing"]
+        off_ckpt = ckpt and off_ckpt
+        out["activations"] = act[
+            "checkpoint_offload" if off_ckpt else "checkpointing" if ckpt else "no_checkpointing"
+        ]
         out["activations_no_checkpointing"] = act["no_checkpointing"]
         out["activations_checkpointing"] = act["checkpointing"]
+        out["activations_checkpoint_offload"] = act["checkpoint_offload"]
+        out["checkpoint_offload_host"] = act["checkpoint_offload_host"] if off_ckpt else 0.0
         out["logits"] = logits_gb(shape, micro * row_len / sp * trained, shape["tiled_loss"])
         out["reserve"] = RESERVE_GB
         out["total"] = out["model_states"] + out["activations"] + out["logits"] + out["reserve"]
@@ -231,8 +247,8 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
         return out
 
     ds = cfg.deepspeed
-    ckpt = bool(cfg.model.gradient_checkpointing)
-    mem = per_gpu(t.micro_batch_size, ckpt, ds.offload_optimizer, ds.offload_params, world)
+    ckpt, off_ckpt = bool(cfg.model.gradient_checkpointing), bool(cfg.model.checkpoint_offload)
+    mem = per_gpu(t.micro_batch_size, ckpt, ds.offload_optimizer, ds.offload_params, world, off_ckpt)
     fits = mem["total"] <= hw.gpu_memory_gb
     suggestions = [] if fits else _what_fits(per_gpu, t, cfg, hw, world)
     steps_per_epoch = data["packed_rows"] // t.global_batch_size if "packed_rows" in data else None
@@ -255,6 +271,7 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
         "precision": "bf16" if bf16 else "fp32",
         "attention": attention,
         "gradient_checkpointing": ckpt,
+        "checkpoint_offload": off_ckpt,
         "deepspeed": ds_config,
         "per_gpu_gb": mem,
         "fits": fits,
@@ -265,7 +282,7 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
 def _what_fits(per_gpu: Any, t: Any, cfg: Any, hw: Hardware, world: int) -> list[str]:
     """Settings that would fit, cheapest first: checkpointing, a smaller micro-batch, offload, more GPUs."""
     ds, out = cfg.deepspeed, []
-    ckpt = bool(cfg.model.gradient_checkpointing)
+    ckpt, off_ckpt = bool(cfg.model.gradient_checkpointing), bool(cfg.model.checkpoint_offload)
     off_opt, off_par = ds.offload_optimizer, ds.offload_params
 
     def fits(**kw: Any) -> bool:
@@ -275,6 +292,7 @@ def _what_fits(per_gpu: Any, t: Any, cfg: Any, hw: Hardware, world: int) -> list
             "off_opt": off_opt,
             "off_par": off_par,
             "gpus": world,
+            "off_ckpt": off_ckpt,
         }
         return per_gpu(**{**args, **kw})["total"] <= hw.gpu_memory_gb
 
@@ -284,6 +302,8 @@ def _what_fits(per_gpu: Any, t: Any, cfg: Any, hw: Hardware, world: int) -> list
         if fits(micro=micro, ckpt=True):
             out.append(f"train.micro_batch_size={micro} model.gradient_checkpointing=true")
             break
+    if not off_ckpt and fits(ckpt=True, off_ckpt=True):
+        out.append("model.gradient_checkpointing=true model.checkpoint_offload=true")
     if not off_opt and fits(micro=1, ckpt=True, off_opt=True):
         out.append(
             "train.micro_batch_size=1 model.gradient_checkpointing=true deepspeed.offload_optimizer=true"
@@ -321,7 +341,13 @@ def format_plan(p: dict[str, Any]) -> str:
         f"optimizer {g['optimizer']:.2f}, gathered largest module {g['gathered_layer']:.2f})"
         + (f"; {g['cpu_offloaded']:.2f} offloaded to CPU" if g["cpu_offloaded"] else ""),
         f"  activations     {g['activations']:8.2f}  (checkpointing {'on' if p['gradient_checkpointing'] else 'off'}:"
-        f" {g['activations_checkpointing']:.2f} with, {g['activations_no_checkpointing']:.2f} without)",
+        f" {g['activations_checkpointing']:.2f} with, {g['activations_no_checkpointing']:.2f} without,"
+        f" {g['activations_checkpoint_offload']:.2f} with the layer inputs in host memory)"
+        + (
+            f"; checkpoint offload on: {g['checkpoint_offload_host']:.2f} of layer inputs in host memory"
+            if g["checkpoint_offload_host"]
+            else ""
+        ),
         f"  logits + loss   {g['logits']:8.2f}  (tiled loss {'on' if p['tiled_loss'] else 'off'}; tiled MLP "
         f"{'on' if p['tiled_mlp'] else 'off'})",
         f"  reserve         {g['reserve']:8.2f}  (CUDA context, communication buffers, fragmentation)",

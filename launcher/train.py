@@ -39,6 +39,7 @@ from launcher.export import export_hf, verify_export
 from launcher.loss import count_targets, target_token_loss, tiled_target_token_loss, use_tiled_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
+from launcher.offload import enable_checkpointing
 from launcher.sequence_parallel import SequenceParallel
 from launcher.tiled_mlp import install_tiled_mlp
 
@@ -266,8 +267,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         say(rank, f"tiled MLP in {install_tiled_mlp(model)} layers")
     for note in getattr(model, "load_notes", []):
         say(rank, f"model: {note}")
+    offload = None  # with model.checkpoint_offload: the checkpointed layers' inputs wait in host memory
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        offload = enable_checkpointing(model, cfg.model.checkpoint_offload)
+    if offload is not None:
+        say(rank, offload.describe(device))
     n_params = sum(int(np.prod(param_shape(p))) for p in model.parameters())
     say(
         rank,
@@ -339,6 +343,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "epoch": step // sampler.steps_per_epoch,
                 "peak_mem_gb": peak_memory_gb(device),
             }
+            if offload is not None:  # host memory the layer inputs took at most, since the last log
+                metrics.update(offload.metrics())
             if peak:
                 metrics["mfu"] = flops.item() / dt / (peak * world)
             logger.log(metrics, step)

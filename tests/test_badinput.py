@@ -108,6 +108,11 @@ CASES = [
         ],
         ["re:^error: invalid config: data.sources\\[0\\].sample_fraction=1.5 must be in \\(0, 1\\]$"],
     ),
+    Case(
+        "checkpoint_offload_without_checkpointing",
+        ["model.checkpoint_offload=true"],
+        ["re:^error: invalid config: model.checkpoint_offload=true needs model.gradient_checkpointing=true"],
+    ),
     # ---- the command line ----
     Case("nproc_missing", ["--nproc"], ["--nproc needs a value"]),
     Case("nproc_word", ["--nproc", "two"], ["--nproc two", "positive whole number"]),

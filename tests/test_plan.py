@@ -172,3 +172,36 @@ def test_plan_accounts_for_sequence_parallelism_and_tiling(llama3_8b):
     saved = no_mlp["per_gpu_gb"]["activations"] - mlp["per_gpu_gb"]["activations"]
     # 32 layers x 4 intermediates x 14336 x 32768 tokens x 2 bytes, less one 4096-token tile in flight.
     assert saved * 2**30 == pytest.approx(32 * 4 * 14336 * 32768 * 2 - 4 * 14336 * 4096 * 2, rel=1e-6)
+
+
+def test_plan_checkpoint_offload_moves_the_layer_inputs_to_host_memory(llama3_8b):
+    """With the layer inputs in host memory the GPU keeps one of them (plus one layer recomputed); the plan says
+    how much the host holds, and suggests the offload when only it makes the run fit."""
+    base = ["--nodes", "2", "--gpus-per-node", "8", "--json", "model=hf", f"model.name_or_path={llama3_8b}"]
+    base += [
+        "model.attention=flash_attention_2",
+        "data.max_length=32768",
+        "model.gradient_checkpointing=true",
+    ]
+    base += ["train.global_batch_size=16", "train.micro_batch_size=1"]
+
+    def plan(*extra):
+        proc = sft_plan(*base, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    ckpt, off = plan("--gpu-memory-gb", "80"), plan("--gpu-memory-gb", "80", "model.checkpoint_offload=true")
+    assert off["checkpoint_offload"] and not ckpt["checkpoint_offload"]
+    g, o = ckpt["per_gpu_gb"], off["per_gpu_gb"]
+    inputs = 32 * 32768 * 4096 * 2  # layers x tokens x hidden x bf16 bytes
+    assert (g["activations"] - o["activations"]) * 2**30 == pytest.approx(inputs * 31 / 32, rel=1e-6)
+    assert o["checkpoint_offload_host"] * 2**30 == pytest.approx(inputs, rel=1e-6)
+    assert g["checkpoint_offload_host"] == 0 and o["model_states"] == g["model_states"]
+    assert o["total"] < g["total"]
+    between = f"{(g['total'] + o['total']) / 2:.2f}"
+    tight = plan("--gpu-memory-gb", between)
+    assert not tight["fits"], tight["per_gpu_gb"]
+    assert "model.gradient_checkpointing=true model.checkpoint_offload=true" in tight["would_fit"]
+    assert plan("--gpu-memory-gb", between, "model.checkpoint_offload=true")["fits"]
+    text = sft_plan(*[a for a in base if a != "--json"], "model.checkpoint_offload=true").stdout
+    assert "with the layer inputs in host memory" in text and "checkpoint offload on: 8.00 of layer" in text
