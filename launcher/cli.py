@@ -393,6 +393,14 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' shard bars follow this too
 
 
+def say_help(text: str) -> int:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `sft launch --help | head -1`: the reader has seen enough
+        sys.stderr.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: first thing, before slow imports
         die_with_parent()
@@ -415,11 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: unknown command {argv[0]!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr
             )
             return 2
-        print(USAGE)
-        return 0
+        return say_help(USAGE)
     if any(a in ("-h", "--help") for a in argv[1:]):
-        print(command_help(argv[0]))
-        return 0
+        return say_help(command_help(argv[0]))
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

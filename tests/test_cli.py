@@ -50,3 +50,11 @@ def test_check_ends_with_a_fail_line_when_documents_leak(monkeypatch, capsys):
     assert main(["check", "model.attention=sdpa"]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("FAIL: packing self-check failed for attention=sdpa"), lines[-3:]
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`sft launch --help | head -1` (and `sft config | head`): the reader stops early; no traceback."""
+    for args in (["--help"], ["launch", "--help"], ["plan", "--help"], ["config"]):
+        cmd = f"{sys.executable} -m launcher.cli {' '.join(args)} | head -c 1"
+        out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.stdout and out.stderr == "", (args, out.stderr[-2000:])
