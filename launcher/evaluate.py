@@ -6,6 +6,7 @@ of forward passes on every rank (ranks short of work repeat a row and discard it
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -38,19 +39,23 @@ def eval_loss(
     device: torch.device,
     pad_id: int,
     loss_fn: Any = target_token_loss,
+    sp: Any = None,
 ):
     """Token-level mean loss and perplexity over all eval rows, summed over ranks (`loss_fn`: the training
-    loss, so a tiled loss keeps evaluation within the memory training needs)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    loss, so a tiled loss keeps evaluation within the memory training needs). With `sp` (a
+    `launcher.sequence_parallel.SequenceParallel`) rows go to data-parallel ranks and each group runs them
+    sequence-parallel, as in training: a row that trains only with SP is evaluated within the same memory."""
+    rank, world = (sp.dp_rank, sp.dp_world) if sp is not None else (dist.get_rank(), dist.get_world_size())
+    split = sp.shard if sp is not None else contextlib.nullcontext
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch_rows in _shard(rows, rank, world, micro_batch):
         real = batch_rows is not None
-        batch = collate(batch_rows if real else rows[:1], attention, pad_id, device=device)
-        loss_sum, n = loss_fn(model, batch)
+        with split(collate(batch_rows if real else rows[:1], attention, pad_id, device=device)) as batch:
+            loss_sum, n = loss_fn(model, batch)
         if real:
             total += torch.stack([loss_sum.double(), n.double()])
-    dist.all_reduce(total)
+    dist.all_reduce(total)  # over every rank: a group's slices together make its rows' sums
     model.train()
     loss = (total[0] / total[1].clamp(min=1)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total[1].item())}

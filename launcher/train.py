@@ -291,7 +291,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     pad_id = tok.pad_token_id
     results: dict[str, Any] = {"run_dir": str(run_dir)}
-    evaluate = partial(eval_loss, eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id, loss_fn)
+    evaluate = partial(
+        eval_loss, eng, data.eval_rows, attention, t.micro_batch_size, device, pad_id, loss_fn, sp
+    )
 
     if state.step:
         say(rank, f"resumed at step {state.step} ({state.tokens_seen} tokens seen)")

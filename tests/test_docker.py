@@ -267,6 +267,33 @@ def test_sft_launch_in_a_container_trains_two_cpu_ranks(docker, image, tmp_path)
     assert_trained(runs, 4, uid)
 
 
+@pytest.mark.faults
+def test_docker_stop_saves_a_checkpoint(docker, image, tmp_path):
+    """`docker stop` sends SIGTERM to the container's PID 1, `sft launch`: the ranks agree on a step and save it
+    within the grace period, and the container exits 75 with the launcher's one line."""
+    uid, gid = image
+    runs = writable_run_dir(tmp_path / "runs", uid, gid)
+    name = f"sft-test-{uuid.uuid4().hex[:8]}"
+    cmd = ["run", "-d", "--name", name, "--label", LABEL, "--network", "none", "--hostname", "localhost"]
+    cmd += ["--user", f"{uid}:{gid}", "-v", f"{runs}:/runs", IMAGE, "launch", "--nproc", "2", *TRAIN]
+    try:
+        docker(*cmd, "train.max_steps=2000", "train.save_every=0", "run_dir=/runs/job")
+        deadline = time.monotonic() + 300
+        metrics = runs / "job" / "metrics.jsonl"
+        while time.monotonic() < deadline and not (metrics.exists() and '"step": 2' in metrics.read_text()):
+            time.sleep(0.2)
+        docker("stop", "-t", "120", name, timeout=180)
+        code, out, err = docker.wait(name, timeout=60)
+    finally:
+        docker("rm", "-f", name, check=False)
+    assert code == 75, out[-3000:] + err[-5000:]
+    found = re.search(
+        r"^stopped on SIGTERM: checkpoint /runs/job/checkpoints/step(\d+) saved; resume with: ", err, re.M
+    )
+    assert found, err[-3000:]
+    assert (runs / "job" / "checkpoints" / f"step{found[1]}" / "manifest.json").exists()
+
+
 @pytest.mark.multinode
 def test_two_node_containers_train_one_job(docker, image, tmp_path):
     """Two containers, one rank each, on a user-defined network: node 1 finds node 0 by its container name."""
