@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -224,7 +225,7 @@ def save(
     root: Path,
     state: TrainState,
     cfg: DictConfig,
-    sampler_info: dict[str, int],
+    sampler_info: dict[str, Any],
     say: Callable[[str], None],
 ) -> Path:
     """Save every rank's shards and RNG state, then the manifest, `latest`, and the rotation (collective)."""
@@ -278,7 +279,7 @@ def rotate(root: Path, keep_last: int) -> list[Path]:
 
 
 def resume(
-    engine: Any, cfg: DictConfig, run_dir: Path, sampler_info: dict[str, int], say: Callable[[str], None]
+    engine: Any, cfg: DictConfig, run_dir: Path, sampler_info: dict[str, Any], say: Callable[[str], None]
 ) -> TrainState:
     """Load the checkpoint `train.resume` names (`auto`: the newest complete one in the run dir) and return the
     state to continue from; a fresh TrainState when there is nothing to resume (collective)."""
@@ -308,7 +309,8 @@ def resume(
             )
         )
     tag_dir = Path(tag_dir_s)
-    check_compatible(manifest, cfg, tag_dir, sampler_info, dist.get_world_size())
+    for note in check_compatible(manifest, cfg, tag_dir, sampler_info, dist.get_world_size()):
+        say(note)
     ds_engine.load_checkpoint(engine, tag_dir.parent, tag_dir.name)
     set_rng_state(torch.load(tag_dir / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
     fields = TrainState.__dataclass_fields__
@@ -336,32 +338,49 @@ def preflight(cfg: DictConfig, world: int) -> None:
     check_compatible(json.loads((tag_dir / MANIFEST).read_text()), cfg, tag_dir, None, world)
 
 
+# Where the run's inputs live rather than what they are: a run moved to another machine, container or clone
+# resumes when the prepared data is the same (its content digest, compared by the ranks once it is loaded).
+PATH_KEYS = re.compile(r"^(data\.(sources|eval_sources)\.\d+\.path|model\.name_or_path|model\.tokenizer)$")
+
+
 def check_compatible(
-    manifest: dict, cfg: DictConfig, tag_dir: Path, sampler_info: dict[str, int] | None, world: int
-) -> None:
-    """Refuse a resume that cannot continue the same run, naming what differs (the sampler when given)."""
+    manifest: dict, cfg: DictConfig, tag_dir: Path, sampler_info: dict[str, Any] | None, world: int
+) -> list[str]:
+    """Refuse a resume that cannot continue the same run, naming what differs (the prepared data when
+    `sampler_info` is given: the ranks, once it is loaded). Returns notes for what was accepted (moved paths)."""
     if manifest["world_size"] != world:
         raise ValueError(
             f"checkpoint {tag_dir} was saved by {manifest['world_size']} ranks and this run has {world}: ZeRO "
             f"shards belong to their ranks, resume with {manifest['world_size']} ranks"
         )
     if cfg.train.allow_config_change:
-        return
+        return []
     now = exactness_config(cfg)
     then = manifest["config"]
     changed = sorted(k for k in set(now) | set(then) if now.get(k, "<unset>") != then.get(k, "<unset>"))
-    if changed:
-        shown = ", ".join(
-            f"{k} ({then.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r})" for k in changed[:6]
-        )
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+
+    def listed(keys: list[str]) -> str:
+        shown = ", ".join(f"{k} ({then.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r})" for k in keys[:6])
+        return shown + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    moved = [k for k in changed if PATH_KEYS.match(k)]
+    if len(moved) < len(changed):
         raise ValueError(
-            f"train.resume: the config differs from checkpoint {tag_dir}'s in {shown}{more}; resuming would not "
-            "continue the same run: start a new run_dir, or set train.allow_config_change=true to resume anyway"
+            f"train.resume: the config differs from checkpoint {tag_dir}'s in {listed(changed)}; resuming would "
+            "not continue the same run: start a new run_dir, or set train.allow_config_change=true to resume anyway"
         )
-    if sampler_info is not None and manifest["sampler"] != sampler_info:
+    if sampler_info is None:  # before the ranks: moved paths wait for the prepared data's digest
+        return []
+    was = manifest["sampler"]
+    differs = [k for k in sampler_info if k in was and was[k] != sampler_info[k]]
+    if moved and "data" not in was:
+        differs.append("data")  # a checkpoint from before content digests: nothing proves the data the same
+    if differs:
+        what = f"{listed(moved)} moved and " if moved else ""
         raise ValueError(
-            f"train.resume: the prepared data differs from checkpoint {tag_dir}'s ({manifest['sampler']} then, "
-            f"{sampler_info} now; did the data files change?): start a new run_dir, or set "
-            "train.allow_config_change=true to resume anyway"
+            f"train.resume: {what}the prepared data differs from checkpoint {tag_dir}'s ("
+            + ", ".join(f"{k} {was.get(k, '<not recorded>')} then, {sampler_info[k]} now" for k in differs)
+            + "; did the data files change?): start a new run_dir, or set train.allow_config_change=true to "
+            "resume anyway"
         )
+    return [f"resuming with moved paths, the same prepared data: {listed(moved)}"] if moved else []

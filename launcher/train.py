@@ -250,7 +250,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
         say(rank, format_report(data.report))
     sampler = StepSampler(data.train_rows, sp.dp_world, sp.dp_rank, t.micro_batch_size * accum, cfg.data.seed)
-    sampler_info = {"rows": len(data.train_rows), "steps_per_epoch": sampler.steps_per_epoch}
+    # What the manifest records of the data: its shape and its content (a resume from moved files compares it).
+    sampler_info = {
+        "rows": len(data.train_rows),
+        "steps_per_epoch": sampler.steps_per_epoch,
+        "data": data.train_rows.digest(),
+    }
 
     # ---- model + engine ----
     bf16 = cfg.model.dtype.value == "bf16" or (cfg.model.dtype.value == "auto" and ds_engine.bf16_supported())

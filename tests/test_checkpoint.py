@@ -165,3 +165,31 @@ def test_preflight_refuses_a_resume_with_other_ranks_or_a_changed_config(tmp_pat
         checkpoint.preflight(compose([*run, "train.lr=1e-3"]), 2)
     checkpoint.preflight(compose([*run, "train.lr=1e-3", "train.allow_config_change=true"]), 2)
     checkpoint.preflight(compose([*run, "train.eval_every=7", "train.save_every=3"]), 2)  # cadence may change
+
+
+def test_moved_paths_resume_only_with_the_same_prepared_data(tmp_path):
+    """A path key that changed is a move, not a new run, when the prepared data's digest is the checkpoint's: the
+    launcher's preflight lets it through (no data loaded yet), the ranks decide on the digest."""
+    from launcher.config import compose
+
+    run = [f"run_dir={tmp_path}", "train.resume=auto"]
+    then = checkpoint.exactness_config(compose(run))
+    manifest = {"world_size": 2, "config": then, "sampler": {"rows": 10, "steps_per_epoch": 5, "data": "abc"}}
+    tag = tmp_path / "step6"
+    moved = compose([*run, "model.tokenizer=/elsewhere/tokenizer"])
+    assert checkpoint.check_compatible(manifest, moved, tag, None, 2) == []  # preflight: deferred
+    same = {"rows": 10, "steps_per_epoch": 5, "data": "abc"}
+    notes = checkpoint.check_compatible(manifest, moved, tag, same, 2)
+    assert notes and "model.tokenizer" in notes[0] and "/elsewhere/tokenizer" in notes[0]
+    with pytest.raises(
+        ValueError, match=r"model.tokenizer .* moved and the prepared data differs .*data abc then"
+    ):
+        checkpoint.check_compatible(manifest, moved, tag, {**same, "data": "xyz"}, 2)
+    old = {**manifest, "sampler": {"rows": 10, "steps_per_epoch": 5}}  # saved before content digests
+    with pytest.raises(ValueError, match="data <not recorded> then"):
+        checkpoint.check_compatible(old, moved, tag, same, 2)
+    assert checkpoint.check_compatible(old, compose(run), tag, same, 2) == []  # nothing moved: as before
+    with pytest.raises(ValueError, match=r"differs from checkpoint .* model.tokenizer .* train.lr"):
+        checkpoint.check_compatible(
+            manifest, compose([*run, "model.tokenizer=/x", "train.lr=1e-3"]), tag, same, 2
+        )

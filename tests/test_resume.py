@@ -146,6 +146,47 @@ def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, str
     assert "resumed at step 8" in out
 
 
+def demo_sources(where) -> str:
+    """The demo's sources (same names, same content) from a folder of copies."""
+    return (
+        f"data.sources=[{{path: {where}/train.jsonl, name: demo-train}}, "
+        f"{{path: {where}/eval.jsonl, name: demo-eval, eval: true}}]"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.resume
+def test_a_run_whose_data_moved_resumes_exactly_and_changed_data_is_refused(tmp_path, straight):
+    """Data files moved (another machine, container or clone): the ranks compare the prepared data's content
+    digest with the checkpoint's and resume, saying so; the steps equal the uninterrupted run. The same move with
+    one conversation edited is refused on one line."""
+    import shutil
+
+    want, cache = straight
+    split, old, new = tmp_path / "split", tmp_path / "old", tmp_path / "new"
+    shutil.copytree(ROOT / "launcher" / "assets" / "demo", old)
+    launch(split, cache, "train.max_steps=6", demo_sources(old))
+    old.rename(new)
+    out = launch(split, cache, "train.max_steps=8", "train.resume=auto", demo_sources(new))
+    assert "resumed at step 6" in out
+    assert (
+        f"resuming with moved paths, the same prepared data: data.sources.0.path ('{old}/train.jsonl' ->"
+        in out
+    )
+    assert_same_steps(train_rows(split), want)
+
+    lines = (new / "train.jsonl").read_text().splitlines()
+    edited = tmp_path / "edited"
+    shutil.copytree(new, edited)
+    (edited / "train.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one conversation fewer
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=8"]
+    cmd += ["train.resume=auto", demo_sources(edited), f"run_dir={split}", f"cache_dir={cache}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "data.sources.0.path" in proc.stderr and "moved and the prepared data differs" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.badinput
 def test_resume_auto_with_the_default_timestamped_run_dir_is_refused():
     proc = subprocess.run(
