@@ -248,19 +248,27 @@ def _sp_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: the configured backend over whole rows, with q/k/v exchanged
     all-to-all inside `SequenceParallel.shard`, and unchanged outside it."""
-    backend = module.config._attn_implementation.removeprefix(PREFIX)
+    config = module.config
+    wrapped = config._attn_implementation
+    backend = wrapped.removeprefix(PREFIX)
     base = _base_attention(module, backend)
     sp = _STATE.sp
-    if sp is None:
-        return base(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
-    q, k, v = (_SeqToHeads.apply(x, sp.group, sp.size) for x in (query, key, value))
-    if backend in VARLEN_BACKENDS:
-        # The model handed this rank's own position ids (and, for flash-attn, boundaries it may have derived
-        # from them): the kernel gets the whole row's boundaries instead, and applies the window itself.
-        kwargs.update(_STATE.varlen, position_ids=_STATE.positions)
-        out, _ = base(module, q, k, v, None, sliding_window=sliding_window, **kwargs)
-    else:
-        mask = document_mask(backend, sliding_window, q.dtype)
-        out, _ = base(module, q, k, v, mask, **kwargs)  # [B, T, H/S, D]
+    # transformers' flash integration picks its kernel by the config's name: the backend sees its own name for
+    # the call (forward and recompute run one layer at a time, so the shared config is restored before the next).
+    config._attn_implementation = backend
+    try:
+        if sp is None:
+            return base(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+        q, k, v = (_SeqToHeads.apply(x, sp.group, sp.size) for x in (query, key, value))
+        if backend in VARLEN_BACKENDS:
+            # The model handed this rank's own position ids (and, for flash-attn, boundaries it may have derived
+            # from them): the kernel gets the whole row's boundaries instead, and applies the window itself.
+            kwargs.update(_STATE.varlen, position_ids=_STATE.positions)
+            out, _ = base(module, q, k, v, None, sliding_window=sliding_window, **kwargs)
+        else:
+            mask = document_mask(backend, sliding_window, q.dtype)
+            out, _ = base(module, q, k, v, mask, **kwargs)  # [B, T, H/S, D]
+    finally:
+        config._attn_implementation = wrapped
     out = _HeadsToSeq.apply(out.transpose(1, 2), sp.group, sp.size)  # [B, H, T/S, D]
     return out.transpose(1, 2).contiguous(), None

@@ -3,8 +3,9 @@
 `logits`: for each architecture and backend, the logits of a micro-batch of two packed rows under SP, gathered
 over the group, against each document run alone through a plain copy of the model (no packing, no SP, no
 DeepSpeed: sdpa with the model's own causal and sliding-window masks). torch_varlen runs through
-tests/reference_kernels.py's kernel (PyTorch's is CUDA-only): what is tested is our side, the whole flattened
-batch's boundaries handed to the kernel. `stock`: one row, with DeepSpeed's own UlyssesSPAttentionHF, which
+tests/reference_kernels.py's kernel (PyTorch's is CUDA-only), and flash_attention_2 through transformers' own
+flash integration with a reference in place of flash-attn's varlen kernel: what is tested is our side, the whole
+flattened batch's boundaries handed to the kernel. `stock`: one row, with DeepSpeed's own UlyssesSPAttentionHF, which
 attends causally over the gathered row. Rank 0 writes the max abs differences per (arch, backend, document)."""
 
 from __future__ import annotations
@@ -105,15 +106,23 @@ def main(mode: str, out: str) -> None:
     rows = pack_examples(docs, max_length=64 if mode == "stock" else 24)
     assert len(rows) == (1 if mode == "stock" else 2)
     archs = {"llama": ARCHS["llama"]} if mode == "stock" else ARCHS
-    backends = ["sdpa"] if mode == "stock" else ["sdpa", "eager", "flex_attention", "torch_varlen"]
+    backends = (
+        ["sdpa"]
+        if mode == "stock"
+        else ["sdpa", "eager", "flex_attention", "torch_varlen", "flash_attention_2"]
+    )
     if mode != "stock":
         import torch.nn.attention.varlen as varlen
-        from reference_kernels import reference_varlen_attn  # tests/ is this script's folder
+        from reference_kernels import (  # tests/ is this script's folder
+            reference_varlen_attn,
+            use_reference_flash,
+        )
 
         from launcher.attention import register_varlen
 
         varlen.varlen_attn = reference_varlen_attn
         register_varlen()
+        use_reference_flash()
     results = {}
     for name, extra in archs.items():
         cfg = AutoConfig.for_model(**{**SMALL, **extra})

@@ -34,3 +34,53 @@ def reference_varlen_attn(
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         out[a:b] = torch.einsum("hqk,khd->qhd", probs, v[a:b])
     return out
+
+
+def reference_flash_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    deterministic=False,
+):
+    """flash-attn's `flash_attn_varlen_func` contract (the argument names transformers' flash integration passes),
+    computed by `reference_varlen_attn`: so transformers' own flash path runs on CPU, with a plain-math kernel."""
+    assert dropout_p == 0.0 and not softcap, "not applied by the reference"
+    left, right = window_size
+    if causal:
+        right = 0
+    max_q = int(max_seqlen_q)
+    assert max_q == int(max_seqlen_k)
+    return reference_varlen_attn(
+        q,
+        k,
+        v,
+        cu_seqlens_q.to(torch.int32),
+        cu_seqlens_k.to(torch.int32),
+        max_q,
+        max_q,
+        scale=softmax_scale,
+        window_size=(left, right),
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
+def use_reference_flash(setattr=setattr) -> None:
+    """Route transformers' `flash_attention_2` (its real integration: kwargs, layout, windows, cu_seq_lens) to
+    `reference_flash_varlen`: flash-attn itself is CUDA-only. `setattr`: pytest's monkeypatch.setattr in tests."""
+    from transformers import modeling_flash_attention_utils as fa
+
+    def lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=False):
+        assert implementation == "flash_attention_2", implementation  # what the model's config must name
+        return None, reference_flash_varlen, None, fa._pad_input, fa._unpad_input
+
+    setattr(fa, "_lazy_imports", lazy_imports)
+    setattr(fa, "_loaded_implementation", None)

@@ -13,7 +13,7 @@ from launcher.data.packing import doc_lengths
 from launcher.evaluate import check_packing, packing_error
 from launcher.loss import token_loss
 from launcher.model import load_model
-from tests.reference_kernels import reference_varlen_attn
+from tests.reference_kernels import reference_varlen_attn, use_reference_flash
 
 SMALL = dict(
     vocab_size=97,
@@ -223,6 +223,21 @@ def test_torch_varlen_adapter_with_a_reference_kernel(model_dirs, arch, monkeypa
         batch = collate(rows, "torch_varlen")
         assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
         packed = model(**batch).logits[0]
+        ref = per_document(eager, rows, "eager")
+    assert (packed - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_sliding", "mistral_sliding"])
+def test_flash_attention_2_batches_through_transformers_flash_path(model_dirs, arch, monkeypatch):
+    """Our flash batches (every row laid end to end, `cu_seq_lens`) through transformers' own flash-attn
+    integration, with a reference in place of flash-attn's CUDA varlen kernel: documents stay apart, windows hold."""
+    use_reference_flash(monkeypatch.setattr)
+    model = load_model(str(model_dirs[arch]), attention="sdpa").eval()
+    model.config._attn_implementation = "flash_attention_2"  # loading it so would ask for flash-attn and CUDA
+    eager = load_model(str(model_dirs[arch]), attention="eager").eval()
+    rows = pack_examples(documents(), max_length=24)
+    with torch.no_grad():
+        packed = model(**collate(rows, "flash_attention_2")).logits[0]
         ref = per_document(eager, rows, "eager")
     assert (packed - ref).abs().max().item() <= 1e-5
 
