@@ -171,10 +171,11 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
     t0 = time.time()
     me = os.getpid()
     # A session of its own: Ctrl-C in the terminal reaches only this process, which turns it into an agreed stop.
-    agent = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(me))
-    with lifecycle.LaunchStop(agent) as stop:
-        code = agent.wait()
-    if stop.signame:
+    with lifecycle.LaunchStop() as stop:
+        code = stop.wait(
+            subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(me))
+        )
+    if stop.signame or code == lifecycle.EXIT_PREEMPTED:  # the ranks may have been signalled directly
         return stopped(stop, code, run_dir, args, nproc)
     if not code:  # on success rank 0's `run_dir:` stays the last line
         return 0
@@ -193,8 +194,8 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
 
 
 def stopped(stop: lifecycle.LaunchStop, code: int, run_dir: Path, args: list[str], nproc: int) -> int:
-    """The launcher's one line after a stop signal: where the run can resume from, and how. Exit code:
-    EXIT_PREEMPTED when the ranks agreed on a step and saved it, 128 + the signal when they were ended before."""
+    """The launcher's one line after a stop: where the run can resume from, and how. Exit code: EXIT_PREEMPTED
+    when the ranks agreed on a step and saved it, 128 + the signal when they were ended before."""
     import shlex
     import signal
 
@@ -203,17 +204,20 @@ def stopped(stop: lifecycle.LaunchStop, code: int, run_dir: Path, args: list[str
     if code == 0:  # the run finished before the ranks saw the request
         return 0
     ckpt, _ = newest_complete(run_dir / "checkpoints")
-    again = ["sft", "launch", "--nproc", str(nproc), *[a for a in args if not a.startswith("train.resume=")]]
-    resume = f"resume with: {shlex.join([*again, 'train.resume=auto'])}"
+    kept = [a for a in args if not a.lstrip("+").startswith("train.resume=")]
+    resume = (
+        f"resume with: {shlex.join(['sft', 'launch', '--nproc', str(nproc), *kept, 'train.resume=auto'])}"
+    )
+    name = stop.signame or "a signal to the ranks"
     if code == lifecycle.EXIT_PREEMPTED and not stop.forced and ckpt is not None:
-        print(f"stopped on {stop.signame}: checkpoint {ckpt} saved; {resume}", file=sys.stderr)
+        lifecycle.tell(f"stopped on {name}: checkpoint {ckpt} saved; {resume}")
         return lifecycle.EXIT_PREEMPTED
     when = (
         "at once, on a second signal" if stop.forced else f"before a checkpoint was saved (exit code {code})"
     )
     then = f"the newest complete checkpoint is {ckpt}; {resume}" if ckpt else f"no checkpoint in {run_dir}"
-    print(f"stopped on {stop.signame} {when}: {then}", file=sys.stderr)
-    return 128 + signal.Signals[stop.signame].value
+    lifecycle.tell(f"stopped on {name} {when}: {then}")
+    return 128 + signal.Signals[stop.signame].value if stop.signame else code
 
 
 def cmd_prepare(overrides: list[str]) -> int:
@@ -410,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    if argv[:1] in (["train"], ["launch"]):
+        lifecycle.survive_closed_output()  # `... | tee log` and Ctrl-C: the stop must not die on a closed pipe
+    if argv[:1] == ["train"]:
+        lifecycle.STOP.install()  # a stop request during start-up is kept (train() acts on it after a step)
     if argv[:1] in (["--version"], ["-V"]):
         print(f"sft-launcher {version()}")
         return 0
@@ -449,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `sft config | head`: the reader has seen enough
         sys.stderr.close()
         code = 0
+    except KeyboardInterrupt:  # Ctrl-C outside the ranks' agreed stop (`sft launch` preparing, `sft prepare`)
+        where = " before the ranks started: nothing was trained" if argv[0] == "launch" else ""
+        lifecycle.tell(f"interrupted (Ctrl-C){where}")
+        code = 130
     except user_errors as e:
         # User errors (bad config, bad data, missing files): the message names the key/file/row; no traceback.
         if os.environ.get("SFT_DEBUG"):

@@ -53,7 +53,8 @@ class StopRequest:
         self.signame: str | None = None
 
     def install(self) -> StopRequest:
-        """Catch the stop signals (SIGUSR1's default action would kill the rank at once)."""
+        """Catch the stop signals (SIGUSR1's default action would kill the rank at once). Idempotent: `sft
+        train` installs the process's `STOP` first thing, so a request during start-up is kept, not fatal."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
         return self
@@ -78,15 +79,20 @@ class StopRequest:
 
 class LaunchStop:
     """`sft launch`'s side of a stop: the first SIGINT/SIGTERM/SIGUSR1 is passed on to the ranks as SIGTERM (a
-    stop request, see `StopRequest`), a second kills the agent's session at once. Use as a context manager
-    around waiting for the agent (started with `start_new_session=True`)."""
+    stop request, see `StopRequest`), also to ranks the agent starts later; a second signal kills the agent's
+    session at once. The handlers are in place before the agent starts:
+
+        with LaunchStop() as stop:
+            code = stop.wait(subprocess.Popen(..., start_new_session=True))
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, agent: subprocess.Popen) -> None:
-        self.agent = agent
+    def __init__(self) -> None:
+        self.agent: subprocess.Popen | None = None
         self.signame: str | None = None  # the first stop signal received
         self.forced = False  # a second one ended the ranks without a checkpoint
+        self.asked: set[int] = set()  # ranks sent the stop request
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> LaunchStop:
@@ -98,26 +104,55 @@ class LaunchStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def wait(self, agent: subprocess.Popen) -> int:
+        """The agent's exit code; meanwhile a pending stop request reaches every rank it starts."""
+        self.agent = agent
+        while True:
+            if self.signame and not self.forced:
+                self._forward()
+            try:
+                return agent.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _forward(self) -> None:
+        if self.agent is None:  # a signal before the agent started: wait() forwards it
+            return
+        for pid in child_pids(self.agent.pid):
+            # Only a rank that already catches SIGTERM (its StopRequest is installed first thing): one still
+            # starting would be killed by it; wait() asks it again on its next round.
+            if pid not in self.asked and catches(pid, signal.SIGTERM):
+                self.asked.add(pid)
+                _kill(pid, signal.SIGTERM)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # Act first, then say it: the terminal's Ctrl-C may also have ended the reader of our output (`| tee`).
         name = signal.Signals(signum).name
         if self.signame is None:
             self.signame = name
-            ranks = child_pids(self.agent.pid)
-            print(
-                f"sft launch: {name}: the {len(ranks)} ranks stop after the current step and save a checkpoint "
-                f"(send it again to stop at once, without one)",
-                file=sys.stderr,
-                flush=True,
+            self._forward()
+            tell(
+                f"sft launch: {name}: the ranks stop after the current step and save a checkpoint (send it again "
+                "to stop at once, without one)"
             )
-            for pid in ranks:
-                _kill(pid, signal.SIGTERM)
+            return
+        if self.forced:
             return
         self.forced = True
-        print(f"sft launch: {name} again: ending the ranks now", file=sys.stderr, flush=True)
-        try:  # the agent's session; its ranks die with it (PDEATHSIG)
-            os.killpg(self.agent.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.agent is not None:
+            try:  # the agent's session; its ranks die with it (PDEATHSIG)
+                os.killpg(self.agent.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        tell(f"sft launch: {name} again: ending the ranks now")
+
+
+def tell(line: str) -> None:
+    """A line on stderr that never raises: its reader may be gone, or this may interrupt another print."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, RuntimeError, ValueError):
+        pass
 
 
 def child_pids(parent: int) -> list[int]:
@@ -135,11 +170,65 @@ def child_pids(parent: int) -> list[int]:
     return out
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (the SigCgt mask in /proc/<pid>/status)."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+STOP = StopRequest()  # this process's; `sft train` installs it before its slow imports, train() reads it
+
+
+class _Survivor:
+    """A text stream whose reader may go away (`sft launch ... | tee log`, and Ctrl-C ends tee): output is then
+    dropped rather than raising into training, so the stop the signal asked for still happens."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._closed = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._close()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self) -> None:
+        # What is still buffered goes to /dev/null at exit instead of failing there (exit status 120).
+        self._closed = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def survive_closed_output() -> None:
+    """Keep running when stdout's or stderr's reader is gone (see `_Survivor`)."""
+    if not isinstance(sys.stdout, _Survivor):
+        sys.stdout, sys.stderr = _Survivor(sys.stdout), _Survivor(sys.stderr)
 
 
 def after_step(code: int, env: dict[str, str] | None = None) -> int:

@@ -221,7 +221,7 @@ def train_step(
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final metrics (rank 0 also prints them)."""
-    stop = lifecycle.StopRequest().install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
+    stop = lifecycle.STOP.install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
     info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
     validate(cfg, world)

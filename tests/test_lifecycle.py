@@ -174,7 +174,7 @@ def test_a_second_signal_ends_the_ranks_at_once(tmp_path):
     model = [c for c in COMMON if not c.startswith("model.init.")]
     proc = start_launch(run_dir, cache, "train.max_steps=400", "train.save_every=0", model=model)
     signal_at_step(proc, run_dir, 2, signal.SIGTERM)
-    wait_for(f"{run_dir}.err", "sft launch: SIGTERM: the 2 ranks stop after the current step")
+    wait_for(f"{run_dir}.err", "sft launch: SIGTERM: the ranks stop after the current step")
     os.killpg(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=120)
     err = Path(f"{run_dir}.err").read_text()
@@ -186,3 +186,92 @@ def test_a_second_signal_ends_the_ranks_at_once(tmp_path):
     while ranks_running(run_dir) and time.time() < deadline:
         time.sleep(0.1)
     assert not ranks_running(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_ctrl_c_with_the_output_through_tee_still_saves_a_checkpoint(tmp_path):
+    """`sft launch ... | tee log` and Ctrl-C: the terminal's SIGINT also ends tee, so every later line the
+    launcher and the ranks write meets a closed pipe. The stop still happens: checkpoint saved, exit 75."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=200"]
+    cmd += ["train.save_every=0", f"run_dir={run_dir}", f"cache_dir={cache}"]
+    # As a terminal runs `{ sft launch ...; echo $? > code; } 2>&1 | tee log`: one process group, which the
+    # Ctrl-C reaches whole (bash waits for the launcher and only then records its exit code).
+    script = (
+        f"{{ {shlex.join(cmd)}; echo $? > {tmp_path / 'code'}; }} 2>&1 | tee {tmp_path / 'log'} >/dev/null"
+    )
+    launcher = subprocess.Popen(["bash", "-c", script], cwd=ROOT, start_new_session=True)
+    signal_at_step(launcher, run_dir, 3, signal.SIGINT)
+    launcher.wait(timeout=300)
+    log = (tmp_path / "log").read_text()
+    assert "stopped on SIGINT" not in log, (
+        "tee should have died of the Ctrl-C, before the launcher's last line"
+    )
+    assert (tmp_path / "code").read_text().strip() == "75", log[-3000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+    assert len(saved) == 1 and (run_dir / "checkpoints" / saved[0] / "manifest.json").exists()
+    assert not ranks_running(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_stop_while_the_ranks_start_is_kept(tmp_path):
+    """SIGTERM as soon as the launcher starts the agent (the ranks not yet up): the request waits for each rank
+    to catch it, and the run stops after its first step with a checkpoint, rather than being lost or killing a
+    rank that is still starting."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    prepare = [sys.executable, "-m", "launcher.cli", "prepare", *COMMON, f"cache_dir={cache}"]
+    subprocess.run(
+        prepare, cwd=ROOT, check=True, capture_output=True, timeout=300
+    )  # the launch starts at once
+    proc = start_launch(run_dir, cache, "train.max_steps=200", "train.save_every=0")
+    deadline = time.time() + 120
+    while not (ranks := [p for p in ranks_running(run_dir) if p != proc.pid]) and time.time() < deadline:
+        time.sleep(0.01)
+    assert ranks, "the agent never started"
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=300)
+    err = Path(f"{run_dir}.err").read_text()
+    assert proc.returncode == 75, err[-3000:]
+    assert re.search(r"^stopped on SIGTERM: checkpoint \S+/step1 saved", err, re.M), err[-3000:]
+    assert "Traceback" not in err and max(train_rows(run_dir)) == 1
+
+
+def test_the_launcher_asks_only_ranks_that_catch_the_stop_signal(tmp_path):
+    """A rank still starting (no SIGTERM handler yet) would be killed by the request: it is asked on a later
+    round, once it catches SIGTERM. Real processes: an "agent" with two children, one of which catches SIGTERM."""
+    from launcher.lifecycle import LaunchStop, child_pids
+
+    child = (
+        "import os, signal, sys, time\n"
+        "if sys.argv[1] == 'ready':\n"
+        "    signal.signal(signal.SIGTERM, lambda *a: open(sys.argv[2] + '.asked', 'w').close())\n"
+        "open(sys.argv[2], 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    agent = (
+        "import subprocess, sys, time\n"
+        f"kids = [subprocess.Popen([sys.executable, '-c', {child!r}, m, sys.argv[1] + m]) for m in ('ready', 'starting')]\n"
+        "time.sleep(60)\n"
+    )
+    where = str(tmp_path / "pid-")
+    proc = subprocess.Popen([sys.executable, "-c", agent, where])
+    try:
+        deadline = time.time() + 30
+        while not all(Path(where + m).exists() for m in ("ready", "starting")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the pid is written after the handler is in place
+        ready, starting = (int(Path(where + m).read_text()) for m in ("ready", "starting"))
+        stop = LaunchStop()
+        stop.agent, stop.signame = proc, "SIGTERM"
+        stop._forward()
+        assert stop.asked == {ready}, (stop.asked, ready, starting)
+        deadline = time.time() + 10
+        while not Path(where + "ready.asked").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert Path(where + "ready.asked").exists() and Path(f"/proc/{starting}").exists()
+    finally:
+        for pid in child_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
