@@ -56,7 +56,7 @@ class CheckpointOffload:
     def __init__(self, copy: bool | None = None):
         self.copy = copy
         self.layers = 0
-        self._lock = threading.Lock()  # backward (unpack, frees) may run on autograd's device threads
+        self._lock = threading.RLock()  # frees may run on autograd's threads, or in a GC pass inside pack
         self.held = 0  # bytes in host memory now
         self.tensors, self.bytes, self.peak_bytes, self.shapes = 0, 0, 0, Counter()
 

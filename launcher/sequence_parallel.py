@@ -53,8 +53,9 @@ _STATE = _State()
 
 def check_heads(size: int, model_config: Any) -> None:
     """Each rank of a group attends for heads / S query heads and kv_heads / S key/value heads."""
-    heads = model_config.num_attention_heads
-    kv = getattr(model_config, "num_key_value_heads", None) or heads
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = text.num_attention_heads  # a composite (vision-language) config keeps them in its text config
+    kv = getattr(text, "num_key_value_heads", None) or heads
     if heads % size or kv % size:
         raise ValueError(
             f"train.sequence_parallel_size={size} must divide the model's attention heads ({heads}) "
@@ -111,9 +112,9 @@ class SequenceParallel:
         n = ids.shape[1] // self.size
         mine = slice(self.sp_rank * n, (self.sp_rank + 1) * n)
         local_pos = pos[:, mine].contiguous()
-        _STATE.sp, _STATE.positions, _STATE.masks = self, self.gather_positions(local_pos), {}
-        _STATE.varlen = whole_row_boundaries(batch, pad)
         try:
+            _STATE.sp, _STATE.positions, _STATE.masks = self, self.gather_positions(local_pos), {}
+            _STATE.varlen = whole_row_boundaries(batch, pad)
             yield {
                 "input_ids": ids[:, mine],
                 "position_ids": local_pos,

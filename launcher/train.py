@@ -255,6 +255,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "rows": len(data.train_rows),
         "steps_per_epoch": sampler.steps_per_epoch,
         "data": data.train_rows.digest(),
+        "eval_data": data.eval_rows.digest(),
     }
 
     # ---- model + engine ----
