@@ -185,6 +185,9 @@ def test_moved_paths_resume_only_with_the_same_prepared_data(tmp_path):
         ValueError, match=r"model.tokenizer .* moved and the prepared data differs .*data abc then"
     ):
         checkpoint.check_compatible(manifest, moved, tag, {**same, "data": "xyz"}, 2)
+    evals = {**manifest, "sampler": {**same, "eval_data": "e1"}}  # moved eval files with other conversations
+    with pytest.raises(ValueError, match="eval_data e1 then, e2 now"):
+        checkpoint.check_compatible(evals, moved, tag, {**same, "eval_data": "e2"}, 2)
     old = {**manifest, "sampler": {"rows": 10, "steps_per_epoch": 5}}  # saved before content digests
     with pytest.raises(ValueError, match="data <not recorded> then"):
         checkpoint.check_compatible(old, moved, tag, same, 2)
