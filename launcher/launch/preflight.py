@@ -318,7 +318,10 @@ def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1
         )
         if sequence_parallel_size > 1:
             from launcher.long_context.sequence_parallel import check_heads
+            from launcher.model.linear_attention import sequence_parallel_problem
 
+            if problem := sequence_parallel_problem(config):
+                raise ValueError(f"train.sequence_parallel_size={sequence_parallel_size}: {problem}")
             check_heads(sequence_parallel_size, config)
     except ValueError as e:
         raise UserError(str(e)) from None
