@@ -4,6 +4,7 @@
 
     python bench/linear_attention.py                                      # prints a table, writes JSON
     python bench/linear_attention.py --length 2048 --rows 2 --repeat 5 --out bench/results/linear_attention_cpu.json
+    python bench/linear_attention.py --doc-median 40 --out bench/results/linear_attention_cpu_short_docs.json
 
 Three ways to train the same documents, fp32, sdpa, one thread per core:
 - `leaky`: the packed rows through transformers' own path (state and convolution run across documents: wrong,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -54,12 +56,14 @@ COMMON = dict(
 )
 
 
-def documents(total: int, seed: int, longest: int) -> list[dict]:
-    """SFT-like lengths (log-normal, median ~250 tokens, 16..`longest`) adding up to about `total` tokens."""
+def documents(total: int, seed: int, longest: int, median: int = 250) -> list[dict]:
+    """SFT-like lengths (log-normal around `median` tokens, 16..`longest`) adding up to about `total` tokens."""
     g = torch.Generator().manual_seed(seed)
     docs, n = [], 0
     while n < total:
-        length = int(torch.empty(1).log_normal_(mean=5.5, std=0.8, generator=g).clamp(16, longest).item())
+        length = int(
+            torch.empty(1).log_normal_(mean=math.log(median), std=0.8, generator=g).clamp(16, longest).item()
+        )
         ids = torch.randint(3, COMMON["vocab_size"], (length,), generator=g).tolist()
         docs.append({"input_ids": ids, "labels": ids})
         n += length
@@ -88,6 +92,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=2048, help="packed row length")
     ap.add_argument("--rows", type=int, default=2, help="packed rows per step")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--doc-median", type=int, default=250, help="median document length (tokens)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -98,7 +103,7 @@ def main() -> None:
     from launcher.model.load import _prepare
 
     rows = pack_examples(
-        documents(args.rows * args.length, 0, min(1500, args.length)), max_length=args.length
+        documents(args.rows * args.length, 0, min(1500, args.length), args.doc_median), max_length=args.length
     )[: args.rows]
     docs = []
     for r in rows:

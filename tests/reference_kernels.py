@@ -156,7 +156,8 @@ def reference_chunk_gated_delta_rule(
     cu_seqlens=None,
 ):
     """flash-linear-attention's `chunk_gated_delta_rule` contract (q/k [B, T, H, K], v [B, T, HV, V], g/beta
-    [B, T, HV]; with `cu_seqlens`, a LongTensor of document boundaries, the batch must be one row), computed with
+    [B, T, HV]; with `cu_seqlens`, document boundaries (int64 as documented; transformers' own varlen
+    batches pass int32), the batch must be one row), computed with
     transformers' torch recurrence on each document alone."""
     assert scale is None and initial_state is None and not output_final_state
     assert g.shape == beta.shape == v.shape[:3] and q.shape[:2] == v.shape[:2]
@@ -165,7 +166,7 @@ def reference_chunk_gated_delta_rule(
     reference_chunk_gated_delta_rule.calls["cu_seqlens"] += 1
     assert q.shape[0] == 1, "The batch size is expected to be 1 rather than B when using `cu_seqlens`"
     bounds = cu_seqlens.tolist()
-    assert cu_seqlens.dtype == torch.long and bounds[0] == 0 and bounds[-1] == q.shape[1]
+    assert cu_seqlens.dtype in (torch.int32, torch.long) and bounds[0] == 0 and bounds[-1] == q.shape[1]
     outs = [
         _TORCH_DELTA_RULE(
             q[:, a:e],

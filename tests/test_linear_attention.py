@@ -333,19 +333,17 @@ def test_gated_deltanet_kernels_on_gpu(tmp_path, attention, monkeypatch):
     if attention == "torch_varlen" and not varlen_available():
         pytest.skip("torch.nn.attention.varlen is not in this torch")
     torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        **{**COMMON, **DELTANET, "model_type": "qwen3_5_text", "vocab_size": 512, "hidden_size": 256},
-        **dict(intermediate_size=512, head_dim=64, max_position_embeddings=4096),
-        **dict(linear_key_head_dim=64, linear_value_head_dim=64),
+    sizes = dict(
+        vocab_size=512, hidden_size=256, intermediate_size=512, head_dim=64, max_position_embeddings=4096
     )
+    sizes.update(linear_key_head_dim=64, linear_value_head_dim=64)
+    config = AutoConfig.for_model(**{**COMMON, **DELTANET, "model_type": "qwen3_5_text", **sizes})
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     model = load_model(str(tmp_path), attention=attention, dtype=torch.bfloat16).cuda().eval()
     module = __import__(type(la.mixers(model)[0][1]).__module__, fromlist=["_"])
-    for name in (
-        la.CONV,
-        la.DELTA_RULE,
-    ):  # transformers resolved both to their packages: the kernel path runs
-        assert la._uses_package(getattr(getattr(module, name), la._WRAPPED)), name
+    # transformers resolved both functions to their packages: the kernel path is what runs below
+    originals = [getattr(getattr(module, name), la._WRAPPED) for name in (la.CONV, la.DELTA_RULE)]
+    assert all(la._uses_package(fn) for fn in originals), originals
     g = torch.Generator().manual_seed(1)
     docs = [
         {"input_ids": torch.randint(3, 512, (n,), generator=g).tolist(), "labels": [1] * n}
@@ -379,10 +377,8 @@ def test_qwen3_5_trains_end_to_end_under_zero3(tmp_path):
     export reloads with the engine's logits."""
     tokenizer = fixture_path("tokenizers", "qwen2.5-0.5b-instruct")
     data = fixture_path("data", "oasst_en_100_trees.jsonl")
-    config = AutoConfig.for_model(
-        **{**COMMON, **DELTANET, "model_type": "qwen3_5_text"},
-        **dict(vocab_size=151936, max_position_embeddings=1024, tie_word_embeddings=True),
-    )
+    sizes = dict(vocab_size=151936, max_position_embeddings=1024, tie_word_embeddings=True)
+    config = AutoConfig.for_model(**{**COMMON, **DELTANET, "model_type": "qwen3_5_text", **sizes})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "qwen3_5")
     run_dir = tmp_path / "run"
