@@ -7,22 +7,26 @@ Qwen3.5 and Qwen3-Next interleave Gated DeltaNet layers (a short causal depthwis
 gated delta rule recurrence) with full attention; LFM2 interleaves short causal convolutions with attention. Their
 state runs along the row, so in a packed row each document would see the end of the one before it. Here each
 document's recurrent state and convolution window restart at its first token, the boundaries coming from the
-packed batch itself (position ids restart at 0 per document; padding is a document of its own):
+packed batch itself (position ids restart at 0 per document; padding is a document of its own).
 
-| path                                                  | convolution                 | gated delta rule        |
-|-------------------------------------------------------|-----------------------------|-------------------------|
-| CUDA, causal-conv1d / flash-linear-attention importable | the kernel with `seq_idx`   | the kernel with `cu_seqlens` over the flattened [1, B*T] batch |
-| otherwise (CPU; CUDA without the kernels)            | transformers' torch conv over the row with K-1 zeros inserted before each document | transformers' torch recurrence with each document in its own batch row (documents of equal chunk count share a call) |
+Two paths, both exact (a document computes what it computes alone):
+- kernels (CUDA, and transformers resolved the function to causal-conv1d / flash-linear-attention): the
+  convolution gets `seq_idx` (int32 [B, T], channel-last input), the recurrence `cu_seqlens` over the rows laid
+  end to end as one [1, B*T] row (flash-linear-attention takes boundaries for a batch of one row only);
+- PyTorch (CPU, or CUDA without the kernels): transformers' own torch convolution over the row with K-1 zeros
+  inserted before each document, and transformers' own torch recurrence with each document in a batch row of its
+  own, documents with as many 64-token chunks in one call. Timings: bench/linear_attention.py.
 
-Both paths are exact: a document computes what it computes alone. How it is wired: a forward pre-hook on each
-decoder layer that holds such a layer turns the layer's `position_ids` into a `Documents` object and adds it to the
-layer's keyword arguments, which transformers passes on, through the mixer's forward, to the two module-level
-functions the mixer calls (`causal_conv1d_fn`, `torch_chunk_gated_delta_rule`); those names in the family's
-modeling module are replaced by wrappers that read it. The layer's kwargs are what activation checkpointing
-replays, so a recompute sees the same documents; the mixer's forward still runs once per layer (its projections,
-and under ZeRO-3 its parameter gathers, never depend on the number of documents), only the parameter-free
-recurrence runs per group of documents. Without documents (generation with a cache, no position ids) the wrappers
-call transformers' functions unchanged.
+How it is wired: a forward pre-hook on each decoder layer that holds such a mixer turns the layer's `position_ids`
+into a `Documents` object and adds it to the layer's keyword arguments, which transformers passes on, through the
+mixer's forward, to the two module-level functions the mixer calls (`causal_conv1d_fn`,
+`torch_chunk_gated_delta_rule`); those names in the family's modeling module are replaced by wrappers that read
+it. The layer's kwargs are what activation checkpointing replays, so a recompute sees its own documents. The
+mixer's forward still runs once per layer: its projections (and under ZeRO-3 their collective parameter gathers)
+never depend on the number of documents; only the parameter-free recurrence runs per group of documents. Without
+documents (generation with a cache, no position ids) the wrappers call transformers' functions unchanged. A flex
+BlockMask reaches these models as a per-layer-type dict with None for the recurrent layers (transformers would
+derive their 2D padding mask from it and fail; packed rows have none to apply).
 """
 
 from __future__ import annotations
