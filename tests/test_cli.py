@@ -5,13 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT, run_cli
 
 
 def sft(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    return run_cli(list(args))
 
 
 def test_preview_brackets_exactly_the_assistant_turns():

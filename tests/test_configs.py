@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from launcher.config import CONF_DIR, compose, validate
+from tests.helpers import run_cli
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF_DIR.iterdir() if p.is_dir()}
 
@@ -63,21 +61,13 @@ def test_validate_reports_every_problem_at_once():
 
 @pytest.mark.badinput
 def test_cli_bad_config_is_one_clear_line():
-    out = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "config", "train.max_stepz=3"], capture_output=True, text=True
-    )
-    assert out.returncode == 2
+    out = run_cli(["config", "train.max_stepz=3"], expect_code=2)
     assert "max_stepz" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.badinput
 def test_launch_validates_before_starting_ranks():
-    out = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", "train.global_batch_size=7"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 2
+    out = run_cli(["launch", "--nproc", "2", "train.global_batch_size=7"], expect_code=2)
     assert "global_batch_size=7" in out.stderr and "launching" not in out.stdout
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import run_cli
 
 # Meta-Llama-3-8B's published hyperparameters (its config.json), no hub access.
 LLAMA3_8B = {
@@ -29,8 +28,7 @@ LLAMA3_8B = {
 
 
 def sft_plan(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.cli", "plan", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_cli(["plan", *args])
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +129,7 @@ def test_plan_reads_the_prepared_data(tmp_path):
     cache = f"cache_dir={tmp_path / 'cache'}"
     before = json.loads(sft_plan("--json", "--gpus-per-node", "2", cache).stdout)
     assert before["steps_per_epoch"] is None and before["data"]["source"].startswith("not prepared")
-    prep = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "prepare", cache],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    prep = run_cli(["prepare", cache], timeout=600)
     assert prep.returncode == 0, prep.stderr[-2000:]
     rows = json.loads(prep.stdout.splitlines()[-1])  # the cache line; the report is in the table above
     after = json.loads(sft_plan("--json", "--gpus-per-node", "2", cache).stdout)

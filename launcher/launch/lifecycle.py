@@ -1,4 +1,5 @@
-"""A training job's lifecycle on a cluster, in one place: stop signals, the agreed stop, exit codes, requeue.
+"""A training job's lifecycle on a cluster, in one place: stop signals, the agreed stop, requeue (the exit codes
+are `launcher.errors`').
 
 Slurm warns a job before its time limit (`sbatch --signal=USR1@N`) and signals it on preemption (SIGTERM, then
 SIGKILL after the partition's GraceTime). A rank that receives SIGUSR1 or SIGTERM only notes it; at the next
@@ -11,7 +12,7 @@ The requeue contract (used by `slurm/sft.sbatch` through `python -m launcher.lau
 | launcher exit code | meaning | the batch script |
 |---|---|---|
 | 0 (`EXIT_OK`) | the run finished | ends the job |
-| 2 (`EXIT_USER_ERROR`) | a bad config or data, named on one line | ends the job (a retry would fail again) |
+| 2 (`EXIT_USER`) | a bad config or data, named on one line | ends the job (a retry would fail again) |
 | 75 (`EXIT_PREEMPTED`, EX_TEMPFAIL) | stopped on a signal, checkpoint saved | `scontrol requeue`: the job runs again |
 | anything else | a crash, a dead rank, a timeout | ends the job, failed |
 
@@ -32,9 +33,8 @@ import subprocess
 import sys
 from typing import Any
 
-EXIT_OK = 0
-EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 75
+from launcher.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -247,7 +247,7 @@ def after_step(code: int, env: dict[str, str] | None = None) -> int:
         return EXIT_OK
     if code == EXIT_OK:
         print(f"job {job}: the run finished", flush=True)
-    elif code == EXIT_USER_ERROR:
+    elif code == EXIT_USER:
         print(f"job {job}: a configuration or data error (above); not requeued", flush=True)
     else:
         print(f"job {job}: training failed with exit code {code}; not requeued", flush=True)
