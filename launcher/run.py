@@ -30,7 +30,6 @@ from launcher.config import batch_layout, validate
 from launcher.data.loader import StepSampler
 from launcher.data.pipeline import Prepared, cached_prepare, format_report
 from launcher.evaluate import eval_loss
-from launcher.launch import lifecycle
 from launcher.long_context.offload import CheckpointOffload, enable_checkpointing
 from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
@@ -41,6 +40,7 @@ from launcher.model import build_model, embedding_rows, load_tokenizer, model_co
 from launcher.model.attention import choose_backend
 from launcher.optim import build_optimizer, warmup_steps
 from launcher.precision import Precision, resolve_precision
+from launcher.stop import STOP, StopRequest
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Run:
     offload: CheckpointOffload | None
     state: TrainState
     logger: NullLogger
-    stop: lifecycle.StopRequest
+    stop: StopRequest
     started: float  # when build_run began (results.json's wall_s counts from here)
 
     @property
@@ -113,7 +113,7 @@ class Run:
 def build_run(cfg: DictConfig) -> Run:
     """Set up a run as configured, saying on rank 0 what it chose (collective: every rank calls it)."""
     started = time.time()
-    stop = lifecycle.STOP.install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
+    stop = STOP.install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
     info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
     validate(cfg, world)

@@ -23,11 +23,11 @@ from launcher import engine as ds_engine
 from launcher.data.loader import collate
 from launcher.evaluate import check_packing, exact_match
 from launcher.export import export_hf, verify_export
-from launcher.launch import lifecycle
 from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.loss import count_targets, target_token_loss
 from launcher.metrics import peak_flops, peak_memory_gb, step_flops
 from launcher.run import Run, build_run
+from launcher.stop import Preempted
 
 # An eval loss this much above its step-0 value is reported as a likely misconfiguration (most often an lr meant
 # for random-init weights applied to pretrained ones).
@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not (t.save_every and step % t.save_every == 0):  # unless saved just above
                 run.save()
             run.logger.close()
-            raise lifecycle.Preempted(step, signame)
+            raise Preempted(step, signame)
     return finish(run, results, start_step)
 
 

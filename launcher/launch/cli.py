@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["train"], ["launch"]):
         lifecycle.survive_closed_output()  # `... | tee log` and Ctrl-C: the stop must not die on a closed pipe
     if argv[:1] == ["train"]:
-        lifecycle.STOP.install()  # a stop request during start-up is kept (train() acts on it after a step)
+        from launcher.stop import STOP
+
+        STOP.install()  # a stop request during start-up is kept (train() acts on it after a step)
     try:
         code = _dispatch(argv)
     except BrokenPipeError:  # `sft config | head`, `sft launch --help | head -1`: the reader has seen enough

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from launcher.config_errors import compose_config
 from launcher.errors import EXIT_OK, EXIT_PREEMPTED
-from launcher.launch import lifecycle, preflight
+from launcher.launch import preflight
+from launcher.stop import Preempted
 
 
 def _device_type() -> str:
@@ -31,7 +32,7 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         run_training(cfg)  # ends with a barrier: every rank has finished writing
-    except lifecycle.Preempted as e:
+    except Preempted as e:
         if os.environ.get("RANK", "0") == "0":  # every rank stopped after the same step: one says it
             print(f"rank 0: {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED

@@ -1,5 +1,5 @@
-"""A training job's lifecycle on a cluster, in one place: stop signals, the agreed stop, requeue (the exit codes
-are `launcher.errors`').
+"""A training job's lifecycle on a cluster: stop signals, the agreed stop, requeue. The ranks' side (noting a
+signal, agreeing on a step) is `launcher.stop`; the exit codes are `launcher.errors`'.
 
 Slurm warns a job before its time limit (`sbatch --signal=USR1@N`) and signals it on preemption (SIGTERM, then
 SIGKILL after the partition's GraceTime). A rank that receives SIGUSR1 or SIGTERM only notes it; at the next
@@ -34,47 +34,6 @@ import sys
 from typing import Any
 
 from launcher.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-class Preempted(Exception):
-    """Every rank stopped after `step` on a signal; the checkpoint of that step is complete."""
-
-    def __init__(self, step: int, signame: str):
-        super().__init__(f"stopped on {signame} after step {step}; checkpoint saved")
-        self.step = step
-
-
-class StopRequest:
-    """Notes SIGUSR1/SIGTERM; `agreed()` tells, on every rank at once, whether any rank got one."""
-
-    def __init__(self) -> None:
-        self.signame: str | None = None
-
-    def install(self) -> StopRequest:
-        """Catch the stop signals (SIGUSR1's default action would kill the rank at once). Idempotent: `sft
-        train` installs the process's `STOP` first thing, so a request during start-up is kept, not fatal."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum: int, frame: Any) -> None:
-        # Quiet here: a rank that torchrun SIGTERMs because another rank failed is about to die, and its word
-        # would only add a line to that failure's. Rank 0 says it once the ranks have agreed (train loop).
-        if self.signame is None:
-            self.signame = signal.Signals(signum).name
-
-    def agreed(self, device: Any) -> str | None:
-        """Collective, once per step boundary: the signal's name if any rank was signalled, else None."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor(
-            [0 if self.signame is None else signal.Signals[self.signame].value], device=device
-        )
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(flag.item())).name if int(flag.item()) else None
 
 
 class LaunchStop:
@@ -186,9 +145,6 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-STOP = StopRequest()  # this process's; `sft train` installs it before its slow imports, train() reads it
 
 
 class _Survivor:
