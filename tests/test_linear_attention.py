@@ -18,8 +18,7 @@ from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
 from launcher.evaluate import check_packing
 from launcher.model import load_model
-from tests.conftest import fixture_path, sft_launch
-from tests.helpers import full_logits_loss
+from tests.helpers import fixture_path, full_logits_loss, sft_launch
 from tests.reference_kernels import (
     reference_causal_conv1d,
     reference_chunk_gated_delta_rule,
