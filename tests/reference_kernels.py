@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import inspect
+
 import torch
+import torch.nn.functional as F
 
 
 def reference_varlen_attn(
@@ -84,3 +88,97 @@ def use_reference_flash(setattr=setattr) -> None:
 
     setattr(fa, "_lazy_imports", lazy_imports)
     setattr(fa, "_loaded_implementation", None)
+
+
+def reference_causal_conv1d(
+    x,
+    weight,
+    bias=None,
+    seq_idx=None,
+    initial_states=None,
+    return_final_states=False,
+    final_states_out=None,
+    activation=None,
+):
+    """causal-conv1d's `causal_conv1d_fn` contract (x [B, C, T], weight [C, K], `seq_idx` [B, T] int32 only in the
+    channel-last layout), computed with F.conv1d over each run of equal `seq_idx`: no output sees another
+    document's inputs."""
+    assert activation in (None, "silu", "swish")
+    assert initial_states is None and not return_final_states and final_states_out is None
+    b, c, t = x.shape
+    assert weight.ndim == 2 and weight.shape[0] == c
+    if seq_idx is not None:
+        reference_causal_conv1d.calls["seq_idx"] += 1
+        assert x.stride(1) == 1, "seq_idx is only supported for channel last layout"
+        assert seq_idx.dtype == torch.int32 and seq_idx.is_contiguous() and tuple(seq_idx.shape) == (b, t)
+    ids = seq_idx.tolist() if seq_idx is not None else [[0] * t] * b
+    k, rows = weight.shape[1], []
+    for i in range(b):
+        starts = [j for j in range(t) if j == 0 or ids[i][j] != ids[i][j - 1]] + [t]
+        rows.append(
+            torch.cat(
+                [
+                    F.conv1d(x[i : i + 1, :, a:e], weight[:, None], bias, padding=k - 1, groups=c)[
+                        ..., : e - a
+                    ]
+                    for a, e in zip(starts, starts[1:])
+                ],
+                dim=-1,
+            )
+        )
+    out = torch.cat(rows)
+    return F.silu(out) if activation else out
+
+
+reference_causal_conv1d.calls = collections.Counter()
+
+
+def _torch_delta_rule():
+    """transformers' own torch gated delta rule, under any wrappers installed around it."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    return inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+
+
+_TORCH_DELTA_RULE = _torch_delta_rule()
+
+
+def reference_chunk_gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+):
+    """flash-linear-attention's `chunk_gated_delta_rule` contract (q/k [B, T, H, K], v [B, T, HV, V], g/beta
+    [B, T, HV]; with `cu_seqlens`, document boundaries (int64 as documented; transformers' own varlen
+    batches pass int32), the batch must be one row), computed with
+    transformers' torch recurrence on each document alone."""
+    assert scale is None and initial_state is None and not output_final_state
+    assert g.shape == beta.shape == v.shape[:3] and q.shape[:2] == v.shape[:2]
+    if cu_seqlens is None:
+        return _TORCH_DELTA_RULE(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    reference_chunk_gated_delta_rule.calls["cu_seqlens"] += 1
+    assert q.shape[0] == 1, "The batch size is expected to be 1 rather than B when using `cu_seqlens`"
+    bounds = cu_seqlens.tolist()
+    assert cu_seqlens.dtype in (torch.int32, torch.long) and bounds[0] == 0 and bounds[-1] == q.shape[1]
+    outs = [
+        _TORCH_DELTA_RULE(
+            q[:, a:e],
+            k[:, a:e],
+            v[:, a:e],
+            g=g[:, a:e],
+            beta=beta[:, a:e],
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        )[0]
+        for a, e in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(outs, dim=1), None
+
+
+reference_chunk_gated_delta_rule.calls = collections.Counter()

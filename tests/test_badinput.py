@@ -90,6 +90,15 @@ CASES = [
             "train.sequence_parallel_size=2 must divide the model's attention heads (4) and key/value heads (1)"
         ],
     ),
+    Case(
+        "sp_linear_attention",
+        ["train.sequence_parallel_size=2", "model.init.model_type=qwen3_5_text", "train.global_batch_size=4"],
+        [
+            "train.sequence_parallel_size=2: sequence parallelism cannot split qwen3_5_text rows",
+            "linear_attention layers",
+            "use train.sequence_parallel_size=1",
+        ],
+    ),
     Case("eval_every", ["train.eval_every=-5"], ["train.eval_every=-5 must be >= 0"]),
     Case("grad_clip", ["train.grad_clip=-1.0"], ["train.grad_clip=-1.0 must be >= 0"]),
     Case("eval_size", ["data.eval_size=-3"], ["data.eval_size=-3 must be >= 0"]),

@@ -193,7 +193,10 @@ def check_model_config(cfg: DictConfig, device_type: str) -> None:
         decide(cfg, torch.device(device_type), config)
         if sp > 1:
             from launcher.long_context.sequence_parallel import check_heads
+            from launcher.model.linear_attention import sequence_parallel_problem
 
+            if problem := sequence_parallel_problem(config):
+                raise ValueError(f"train.sequence_parallel_size={sp}: {problem}")
             check_heads(sp, config)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from launcher.data.masks import VARLEN_BACKENDS, block_causal_float_mask, document_block_mask, with_window
 from launcher.data.template import IGNORE_INDEX
+from launcher.model.linear_attention import sequence_parallel_problem
 
 PREFIX = "sft_sp_"  # the wrapped backend's name in transformers' attention registry: sft_sp_sdpa, ...
 
@@ -84,6 +85,8 @@ class SequenceParallel:
         """Route the model's core attention through the sequence-parallel wrapper (a no-op for S=1)."""
         if self.size == 1:
             return
+        if problem := sequence_parallel_problem(model.config):
+            raise ValueError(f"train.sequence_parallel_size={self.size}: {problem}")
         check_heads(self.size, model.config)
         from transformers import AttentionInterface
 
