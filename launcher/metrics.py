@@ -1,4 +1,5 @@
-"""Run logging on rank 0: `<run_dir>/metrics.jsonl`, wandb (the only wandb import), a progress bar.
+"""Run logging on rank 0: `<run_dir>/metrics.jsonl`, wandb (the only wandb import), a progress bar; and the one
+place memory is measured (`PeakMemory`, used by training and the benchmarks).
 
 Other ranks get a logger whose methods do nothing, so the training loop never branches on rank to log.
 wandb mode `auto` is offline unless WANDB_API_KEY is set; offline runs land in `<run_dir>/wandb/`. The wandb run id
@@ -13,6 +14,51 @@ import secrets
 import time
 from pathlib import Path
 from typing import Any
+
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def rss_gb(field: str = "VmRSS") -> float:
+    """This process's resident set (`VmRSS`) or its peak since the last reset (`VmHWM`), in GiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """The peak memory of one interval at a time, in GiB: `take()` returns the peak since the previous `take()`
+    (the first: since the process started) and starts the next interval.
+
+    CUDA: `max_memory_allocated` (tensors, not the caching allocator's reserve), reset by
+    `reset_peak_memory_stats`. CPU: the process's peak resident set (`VmHWM`), reset to the current resident set
+    by writing 5 to `/proc/self/clear_refs` (Linux >= 4.0). Where that file cannot be written (`per_interval`
+    False) every figure is the peak since the process started, and must be named so.
+    """
+
+    def __init__(self, device: Any):
+        self.device = device
+        self.per_interval = device.type == "cuda" or os.access(CLEAR_REFS, os.W_OK)
+
+    def now(self) -> float:
+        """Memory in use at this moment (CUDA: allocated; CPU: resident)."""
+        if self.device.type == "cuda":
+            import torch
+
+            return torch.cuda.memory_allocated(self.device) / 2**30
+        return rss_gb("VmRSS")
+
+    def take(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        peak = rss_gb("VmHWM")
+        if self.per_interval:
+            CLEAR_REFS.write_text("5")
+        return peak
 
 
 class NullLogger:

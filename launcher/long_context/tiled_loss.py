@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
-from launcher.loss import model_inputs, next_token_targets
+from launcher.loss import final_hidden_states, next_token_targets
 
 # Post-processing some heads apply to the logits after the projection (Gemma 2's soft-capping, Cohere's scale,
 # Granite's divisor): the tiled loss calls the projection alone, so it refuses these models.
@@ -114,14 +114,7 @@ def tiled_target_token_loss(
     """
     targets = next_token_targets(batch)
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    captured: list[torch.Tensor] = []
-    hook = inner.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
-    try:
-        nothing = torch.zeros(0, dtype=torch.long, device=targets.device)
-        model(**model_inputs(batch), logits_to_keep=nothing)
-    finally:
-        hook.remove()
-    hidden = captured[-1]  # [B, T, H] after the final norm
+    hidden = final_hidden_states(model, batch)  # [B, T, H] after the final norm
     where = targets != IGNORE_INDEX
     rows, kept = hidden[where], targets[where]  # only positions that predict a target
     head = inner.get_output_embeddings()

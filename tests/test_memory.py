@@ -1,0 +1,59 @@
+"""What the run reports about memory is what happened: the self-check's own peak on a long row of a large
+vocabulary stays far below its full logits, and the logged training peak is the peak of its own interval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from launcher.data import pack_examples
+from launcher.evaluate import check_packing
+from launcher.metrics import PeakMemory
+
+QWEN_VOCAB = 151_936  # Qwen2.5's embedding rows
+
+
+def qwen_like(**extra):
+    """A Qwen2 body small enough that the LM head dominates, with Qwen2.5's vocabulary and tied head."""
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=QWEN_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def test_the_packing_self_check_never_holds_a_rows_full_logits():
+    """A 4,096-token packed row of a 151,936-entry vocabulary: its full fp32 logits are 2.3 GiB, over the 1 GiB
+    cap set here; the self-check (final hidden states at every position, logits at 8 positions per document)
+    peaks far below it, measured as the process's resident peak during the check above its size before."""
+    cap_gib, tokens = 1.0, 4096
+    full_logits_gib = tokens * QWEN_VOCAB * 4 / 2**30
+    assert full_logits_gib > 2 * cap_gib
+    model = qwen_like()
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for n in (1500, 1100, 900, 596):
+        ids = torch.randint(3, QWEN_VOCAB, (n,), generator=g).tolist()
+        docs.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    (row,) = pack_examples(docs, max_length=tokens)
+    assert len(row["input_ids"]) == tokens
+    mem = PeakMemory(torch.device("cpu"))
+    if not mem.per_interval:
+        pytest.skip("/proc/self/clear_refs cannot be written here: no per-interval peak to measure")
+    mem.take()
+    before = mem.now()
+    result = check_packing(model, [row], "sdpa", torch.device("cpu"), tol=1e-4)
+    own = mem.take() - before
+    print(f"self-check at {tokens} tokens: own peak {own:.3f} GiB (full logits {full_logits_gib:.2f} GiB)")
+    assert own < cap_gib, (own, cap_gib)
+    assert result["packing_check_tokens"] == tokens and result["packing_check_rel"] <= 1e-4, result
