@@ -41,7 +41,7 @@ from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
 from launcher.long_context.tiled_mlp import install_tiled_mlp
 from launcher.loss import count_targets, target_token_loss
-from launcher.metrics import build_logger
+from launcher.metrics import PeakMemory, build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 from launcher.model.attention import choose_backend
 
@@ -133,13 +133,11 @@ def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
     return 6 * body * tokens + 6 * head * targets + attn
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory allocated on CUDA; on CPU, this process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def most_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's value (a memory peak: what the fullest rank needed)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), most specific name first: an H100 PCIe is not an SXM.
@@ -226,6 +224,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stop = lifecycle.STOP.install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
     info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
+    mem = PeakMemory(device)  # peaks per interval: start-up, the self-check, each logged interval of steps
     validate(cfg, world)
     t, start = cfg.train, time.time()
     sp = SequenceParallel(t.sequence_parallel_size, rank, world)  # data parallelism: sp.dp_world ranks
@@ -308,8 +307,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log({"resumed_at": state.step}, state.step)
     else:
         say(rank, "starting at step 0")
+    setup_peak = mem.take()
     if t.check_packing:
         check = check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2, sp)
+        check["peak_mem_gb_packing_check"] = most_over_ranks(mem.take(), device)
         results.update(check)
         say(rank, f"packing self-check: {check}")
     if data.eval_rows and not state.step:
@@ -321,6 +322,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             eng.module, tok, data.eval_conversations[: t.exact_match_max_examples], t.max_new_tokens, device
         )
         say(rank, f"held-out exact match before training: {results['accuracy_before']:.3f}")
+    # Start-up (model, engine, resume, evaluation before training) once; the steps' intervals start here.
+    peaks = {"peak_mem_gb_setup": most_over_ranks(max(setup_peak, mem.take()), device)}
+    peaks.update({k: v for k, v in results.items() if k == "peak_mem_gb_packing_check"})
+    if not mem.per_interval:
+        peaks = {f"{k}_since_start": v for k, v in peaks.items()}
+    logger.log(peaks, state.step)
+    results.update(peaks)
+    peak_key = "peak_mem_gb" if mem.per_interval else "peak_mem_gb_since_start"
+    interval_peak = 0.0
 
     # ---- the loop ----
     peak = peak_flops(device)
@@ -334,6 +344,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         my_rows = [data.train_rows[i] for i in next(steps)]
         t_step = time.time()
         out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world, loss_fn, sp)
+        interval_peak = max(interval_peak, mem.take())
         state.advance(out)
         step, dt = state.step, time.time() - t_step
 
@@ -351,8 +362,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "trained_tokens": out["trained_tokens"],
                 "tokens_seen": state.tokens_seen,
                 "epoch": step // sampler.steps_per_epoch,
-                "peak_mem_gb": peak_memory_gb(device),
+                peak_key: most_over_ranks(
+                    interval_peak, device
+                ),  # the steps since the last log, no eval/save
             }
+            interval_peak = 0.0
             if offload is not None:  # host memory the layer inputs took at most, since the last log
                 metrics.update(offload.metrics())
             if peak:
@@ -361,10 +375,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             logger.progress(step, {"loss": f"{out['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"})
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and data.eval_rows:
             ev = evaluate()
+            ev["peak_mem_gb_eval"] = most_over_ranks(mem.take(), device)
             logger.log(ev, step)
             say(rank, f"step {step}: eval_loss {ev['eval_loss']:.4f} (train loss {out['loss']:.4f})")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             save(state)
+            mem.take()  # the save's own peak is not a step's
         if state.step < t.max_steps and (signame := stop.agreed(device)):  # one all-reduce; every rank agrees
             say(rank, f"{signame}: every rank stops after step {step} with a checkpoint")
             if not (t.save_every and step % t.save_every == 0):  # unless saved just above
@@ -399,15 +415,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         say(rank, summary_line(results))
         if t.exact_match_eval:
-            say(
-                rank,
-                # before is not measured when resuming
-                f"accuracy: before={results.get('accuracy_before', float('nan')):.3f} "
-                f"after={results['accuracy_after']:.3f}",
-            )
+            say(rank, accuracy_line(results))
         say(rank, f"run_dir: {run_dir}")
     dist.barrier()
     return results
+
+
+def accuracy_line(results: dict[str, Any]) -> str:
+    """`accuracy: before=A after=B`, held-out exact match (before is not measured when resuming: nan)."""
+    before = results.get("accuracy_before", float("nan"))
+    return f"accuracy: before={before:.3f} after={results['accuracy_after']:.3f}"
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -42,15 +42,17 @@ def checkout_env(env: dict | None = None) -> dict:
     return full
 
 
-def sft_launch(overrides: list[str], run_dir: Path, cache_dir: Path, timeout: int = 900) -> str:
-    """`sft launch --nproc 2` with overrides into run_dir; asserts success and returns its stdout."""
+def sft_launch(
+    overrides: list[str], run_dir: Path, cache_dir: Path, timeout: int = 900, nproc: int = 2
+) -> str:
+    """`sft launch --nproc 2` (or `nproc`) with overrides into run_dir; asserts success and returns its stdout."""
     cmd = [
         sys.executable,
         "-m",
         "launcher.cli",
         "launch",
         "--nproc",
-        "2",
+        str(nproc),
         *overrides,
         f"run_dir={run_dir}",
         f"cache_dir={cache_dir}",

@@ -141,20 +141,39 @@ def test_the_exactness_config_names_what_decides_the_run():
     assert "train.max_steps" not in constant
 
 
-def can_mount_tmpfs() -> bool:
-    return os.geteuid() == 0 and shutil.which("mount") is not None
+def mount_small_tmpfs(where: Path) -> None:
+    """Mount a 64 MiB tmpfs at `where` (a disk to fill), or skip saying why it cannot be mounted here: not root,
+    no `mount`, or a container that does not permit it, whatever the uid."""
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command to make a small tmpfs as a full disk")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        why = (proc.stderr.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+        pytest.skip(f"cannot mount a small tmpfs as a full disk here (uid {os.geteuid()}): {why}")
+
+
+def test_the_full_disk_test_skips_where_mount_fails(tmp_path, monkeypatch):
+    """`mount` refused (not permitted in this container, whatever the uid): a skip naming why, not an error."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mount").write_text("#!/bin/sh\necho 'mount: permission denied (are you root?)' >&2\nexit 32\n")
+    (fake / "mount").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(pytest.skip.Exception, match="cannot mount .*: mount: permission denied"):
+        mount_small_tmpfs(tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.faults
-@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount a small tmpfs as a full disk")
 def test_a_full_disk_names_the_path_and_leaves_latest_on_the_previous_checkpoint(tmp_path):
     from tests.test_resume import COMMON, logged_steps
 
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(ckpts)], check=True)
+    mount_small_tmpfs(ckpts)
     try:
         cmd = [
             sys.executable,

@@ -32,6 +32,35 @@ def qwen_like(**extra):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_each_interval_reports_its_own_peak(device):
+    """A 1 GiB tensor in one interval does not show in the next one's peak (what `peak_mem_gb` per logged
+    interval relies on; a peak since the process started would report it again)."""
+    mem = PeakMemory(torch.device(device))
+    if not mem.per_interval:
+        pytest.skip("/proc/self/clear_refs cannot be written here: no per-interval peak to measure")
+    mem.take()
+    big = torch.ones(2**28, device=device)  # 1 GiB of fp32, every page touched
+    del big
+    first = mem.take()
+    small = torch.ones(2**24, device=device)  # 64 MiB
+    second = mem.take()
+    del small
+    assert first - second > 0.9, (first, second)
+
+
 def test_the_packing_self_check_never_holds_a_rows_full_logits():
     """A 4,096-token packed row of a 151,936-entry vocabulary: its full fp32 logits are 2.3 GiB, over the 1 GiB
     cap set here; the self-check (final hidden states at every position, logits at 8 positions per document)

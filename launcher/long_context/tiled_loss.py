@@ -90,14 +90,17 @@ class _TiledHeadLoss(torch.autograd.Function):
 MIN_TILE_LOGITS = 2**27
 
 
+def own_tile_count(n_rows: int, hidden_size: int, vocab_size: int) -> int:
+    """This rank's tiles for `n_rows` target rows: a tile's logits are no larger than the hidden states
+    ([rows / tiles, vocab] ~ [rows, hidden]) or MIN_TILE_LOGITS, whichever is larger."""
+    return math.ceil(n_rows * vocab_size / max(n_rows * hidden_size, MIN_TILE_LOGITS))
+
+
 def count_tiles(n_rows: int, hidden_size: int, vocab_size: int, device: torch.device) -> int:
-    """Tiles for `n_rows` target rows: a tile's logits are no larger than the hidden states ([rows / tiles,
-    vocab] ~ [rows, hidden]) or MIN_TILE_LOGITS, whichever is larger. Every rank takes the largest count: under
-    ZeRO-3 each head call gathers the weight collectively, so all ranks must make the same number of calls (a
-    rank with fewer targets runs smaller, possibly empty, tiles)."""
-    n = torch.tensor(
-        [math.ceil(n_rows * vocab_size / max(n_rows * hidden_size, MIN_TILE_LOGITS))], device=device
-    )
+    """The tiles every rank runs: the largest `own_tile_count` over ranks. Under ZeRO-3 each head call gathers
+    the weight collectively, so all ranks must make the same number of calls (a rank with fewer targets runs
+    smaller, possibly empty, tiles)."""
+    n = torch.tensor([own_tile_count(n_rows, hidden_size, vocab_size)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return max(1, int(n.item()))
