@@ -313,7 +313,7 @@ def cmd_check(overrides: list[str]) -> int:
         print(f"PASS (vacuous): {result['packing_check']}")
     else:
         print(
-            f"PASS: packed logits equal per-document logits for attention={attention} "
+            f"PASS: packed outputs equal per-document outputs for attention={attention} "
             f"(relative difference {result['packing_check_rel']:.2g} <= {tol})"
         )
     return 0
