@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from launcher import checkpoint
-from tests.conftest import ROOT
+from tests.helpers import ROOT, SMALL_RUN, logged_steps
 
 
 def fake_checkpoint(root, step: int, complete: bool = True, files: dict[str, int] | None = None):
@@ -77,15 +77,15 @@ def test_a_same_size_change_is_caught_by_the_content_hash(tmp_path):
 
 @pytest.mark.slow
 def test_a_save_is_durable_before_its_manifest_and_each_rank_hashes_what_it_wrote(tmp_path):
-    """A real ZeRO-3 save on 2 ranks, with fsync, renames and hashing recorded (tests/dist_ckpt_worker.py): each
+    """A real ZeRO-3 save on 2 ranks, with fsync, renames and hashing recorded (tests/workers/checkpoint.py): each
     rank fsyncs and hashes exactly the files it wrote; every file, the step dir and the checkpoints dir are
     fsynced before the manifest is renamed into place, the manifest's own data before its name, `latest` after it;
     and the manifest's hashes are the files' own."""
     import hashlib
 
-    from tests.conftest import torchrun
+    from tests.helpers import torchrun, worker
 
-    proc = torchrun(["tests/dist_ckpt_worker.py", str(tmp_path)], 2, ROOT, timeout=300)
+    proc = torchrun([worker("checkpoint.py"), str(tmp_path)], 2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
     root = tmp_path / "checkpoints"
@@ -168,7 +168,6 @@ def test_the_full_disk_test_skips_where_mount_fails(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.faults
 def test_a_full_disk_names_the_path_and_leaves_latest_on_the_previous_checkpoint(tmp_path):
-    from tests.test_resume import COMMON, logged_steps
 
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
@@ -182,7 +181,7 @@ def test_a_full_disk_names_the_path_and_leaves_latest_on_the_previous_checkpoint
             "launch",
             "--nproc",
             "2",
-            *COMMON,
+            *SMALL_RUN,
             "train.max_steps=1000",
         ]
         cmd += ["train.save_every=10", f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]

@@ -12,6 +12,7 @@ from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
 from launcher.model import load_model
 from launcher.model.attention import varlen_available
+from tests.helpers import sft_cmd
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,14 +84,13 @@ def test_sft_launch_trains_on_the_gpu_in_bf16_with_the_varlen_kernel(tmp_path):
     """The embedded default on one GPU: `auto` resolves to a varlen kernel, bf16, MFU logged, the loss falls."""
     import json
     import subprocess
-    import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     run_dir = tmp_path / "run"
     overrides = ["train.max_steps=30", "train.log_every=1", "train.exact_match_eval=false"]
     overrides += ["logging.wandb_mode=disabled", "logging.progress=false"]
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "1", *overrides]
+    cmd = sft_cmd("launch", "--nproc", "1", *overrides)
     cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -108,12 +108,12 @@ def test_sft_launch_trains_on_the_gpu_in_bf16_with_the_varlen_kernel(tmp_path):
 def test_sequence_parallel_on_two_gpus_keeps_documents_apart_with_the_varlen_kernel(tmp_path):
     """S=2 on 2 GPUs (NCCL, real ZeRO-3) with the varlen kernel `auto` picks (flash-attn or torch_varlen), bf16:
     each document's logits, gathered over the group, against the document alone through plain sdpa
-    (tests/dist_sp_worker.py `gpu`). Per-document logits, because a leak moves the loss by less than the
+    (tests/workers/sequence_parallel.py `gpu`). Per-document logits, because a leak moves the loss by less than the
     tolerance bf16 needs (measured 6.5e-5 to 2.4e-3) while a leaking document's logits are off by ~1e-1."""
-    from tests.conftest import ROOT, torchrun
+    from tests.helpers import torchrun, worker
 
     out = tmp_path / "r.pt"
-    proc = torchrun(["tests/dist_sp_worker.py", "gpu", str(out)], 2, ROOT, env={"DS_ACCELERATOR": "cuda"})
+    proc = torchrun([worker("sequence_parallel.py"), "gpu", str(out)], 2, env={"DS_ACCELERATOR": "cuda"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     errors = got["errors"]
@@ -129,9 +129,8 @@ def test_sequence_parallel_on_two_gpus_trains_like_s1(tmp_path):
     data layout; document isolation under SP is the per-document logits test above."""
     import json
     import subprocess
-    import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     losses = {}
     for s in (1, 2):
@@ -142,7 +141,7 @@ def test_sequence_parallel_on_two_gpus_trains_like_s1(tmp_path):
             "logging.progress=false",
             f"train.sequence_parallel_size={s}",
         ]
-        cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *overrides]
+        cmd = sft_cmd("launch", "--nproc", "2", *overrides)
         cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", "train.global_batch_size=8"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

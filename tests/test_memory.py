@@ -97,7 +97,7 @@ def test_the_tiled_loss_lowers_the_logged_training_peak_on_a_qwen_vocabulary(tmp
     are logged once under their own names."""
     import json
 
-    from tests.conftest import ASSETS, fixture_path, sft_launch
+    from tests.helpers import ASSETS, fixture_path, sft_launch
 
     tok = fixture_path("tokenizers", "qwen2.5-0.5b-instruct")
     model_dir = tmp_path / "model"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from launcher.train import accuracy_line, summary_line
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 RECORD = ROOT / "bench" / "results" / "demo_cpu.json"
 

@@ -13,8 +13,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import launcher.long_context.tiled_loss as tiled_loss
 import launcher.long_context.tiled_mlp as tiled_mlp
@@ -24,6 +23,7 @@ from launcher.long_context.tiled_loss import tiled_target_token_loss
 from launcher.long_context.tiled_mlp import install_tiled_mlp
 from launcher.loss import target_token_loss
 from launcher.train import train_step
+from tests import helpers
 
 VOCAB = 503
 
@@ -77,15 +77,8 @@ def record_counts() -> None:
 def run(
     tied: bool, loss_fn, ds_config: dict, world: int, steps: int, mlp_tiles: int | None = 0, rows=rows_for
 ) -> dict[str, list[float]]:
-    cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
+    cfg = helpers.tiny_config(
+        "llama", vocab_size=VOCAB, tie_word_embeddings=tied, max_position_embeddings=2048
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
@@ -109,17 +102,7 @@ def main(tied: bool, n_tiles: int | None, out: str) -> None:
     # A rank whose tile count differed would wait in a gather the others never join: fail in a minute.
     info = ds_engine.init_distributed(timeout_minutes=1)
     world = info.world_size
-    train_cfg = OmegaConf.create({"global_batch_size": 2 * world, "micro_batch_size": 1, "grad_clip": 1.0})
-    ds_cfg = OmegaConf.create(
-        {
-            "stage": 3,
-            "offload_optimizer": False,
-            "offload_params": False,
-            "config_file": None,
-            "overlap_comm": False,
-        }
-    )
-    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False)
+    ds_config = helpers.ds_config(2 * world, 1, world)
     # Partition every parameter, however small (DeepSpeed keeps small ones whole on every rank by default).
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds_engine.zero_init_context(ds_config)
