@@ -14,7 +14,7 @@ from launcher.metrics import PeakMemory
 QWEN_VOCAB = 151_936  # Qwen2.5's embedding rows
 
 
-def qwen_like(**extra):
+def qwen_like():
     """A Qwen2 body small enough that the LM head dominates, with Qwen2.5's vocabulary and tied head."""
     cfg = AutoConfig.for_model(
         "qwen2",
@@ -26,7 +26,6 @@ def qwen_like(**extra):
         num_key_value_heads=2,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
-        **extra,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
@@ -101,7 +100,7 @@ def test_the_tiled_loss_lowers_the_logged_training_peak_on_a_qwen_vocabulary(tmp
 
     tok = fixture_path("tokenizers", "qwen2.5-0.5b-instruct")
     model_dir = tmp_path / "model"
-    qwen_like(max_position_embeddings=2048).save_pretrained(model_dir)
+    qwen_like().save_pretrained(model_dir)
     run = ["model=hf", f"model.name_or_path={model_dir}", f"model.tokenizer={tok}", "data.max_length=2048"]
     run += [f"data.sources=[{{path: {ASSETS}/demo/train.jsonl, name: demo-train}}]"]
     run += ["train.max_steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0"]
