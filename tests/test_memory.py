@@ -101,7 +101,10 @@ def test_the_tiled_loss_lowers_the_logged_training_peak_on_a_qwen_vocabulary(tmp
     tok = fixture_path("tokenizers", "qwen2.5-0.5b-instruct")
     model_dir = tmp_path / "model"
     qwen_like().save_pretrained(model_dir)
+    # train=demo's batch (4 rows per micro-batch, 2 ranks), as the issue ran it; model=hf alone brings
+    # train=default (1 row per micro-batch, 32 micro-batches a step).
     run = ["model=hf", f"model.name_or_path={model_dir}", f"model.tokenizer={tok}", "data.max_length=2048"]
+    run += ["train=demo"]
     run += [f"data.sources=[{{path: {ASSETS}/demo/train.jsonl, name: demo-train}}]"]
     run += ["train.max_steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0"]
     run += ["train.exact_match_eval=false", "train.export=false", "train.check_packing=true"]
