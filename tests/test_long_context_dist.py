@@ -66,7 +66,7 @@ def test_sequence_parallel_logits_equal_each_document_alone(tmp_path):
     diffs = torch.load(out)
     assert len(diffs) == 3 * 5 * 4, sorted(diffs)  # archs x backends x documents
     print("SP logits vs each document alone, largest |difference|:", max(diffs.values()))
-    bad = {k: v for k, v in diffs.items() if not v <= 1e-5}
+    bad = {k: v for k, v in diffs.items() if not v <= 1e-7}  # the README's figure (measured: 8.9e-8)
     assert not bad, bad
 
 
@@ -79,7 +79,8 @@ def test_deepspeed_stock_ulysses_wrapper_leaks_across_packed_documents(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diffs = torch.load(out)
     assert diffs[("llama", "sdpa", 0)] <= 1e-5  # the first document has nothing before it
-    assert all(diffs[("llama", "sdpa", i)] > 1e-2 for i in (1, 2, 3)), diffs
+    print("stock wrapper vs each document alone:", diffs)
+    assert all(diffs[("llama", "sdpa", i)] > 0.1 for i in (1, 2, 3)), diffs  # README: 0.14-0.31
 
 
 SP_RUN = [*SMALL_RUN, "train.max_steps=4", "train.warmup_steps=1", "train.schedule=constant"]
@@ -105,7 +106,8 @@ def assert_same_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
     print(f"largest relative difference of loss and grad_norm: {worst:.2g}")
     for step in want:
         for key in ("loss", "lr", "grad_norm", "trained_tokens", "tokens_seen"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+            # The README's figure, relative difference < 1e-6 (measured: 8.7e-8 at most).
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6), (step, key)
 
 
 @pytest.mark.slow
@@ -149,12 +151,14 @@ def test_sequence_parallel_with_two_data_parallel_groups_trains_like_s1(sp_runs)
 def test_sequence_parallel_resume_continues_exactly_with_warmup_and_dropout(sp_runs, tmp_path):
     """S=2, stopped at step 2 in the middle of a 3-step warmup, with attention dropout on: the resumed steps
     3-4 have the lr, losses and gradient norms of an uninterrupted run (a scheduler that was not restored would
-    restart the warmup, an RNG that was not restored would draw other dropout masks)."""
+    restart the warmup: step 3 would log 0.5 x train.lr, not 1.0; an RNG that was not restored would draw other
+    dropout masks)."""
     _, cache = sp_runs
     run = ["train.sequence_parallel_size=2", "train.warmup_steps=3", "+model.init.attention_dropout=0.1"]
     sp_launch(tmp_path / "straight", cache, *run)
     want = train_rows(tmp_path / "straight")
-    assert want[2]["lr"] < want[3]["lr"] < want[4]["lr"], "steps 1-3 are the warmup"
+    # The lr logged at step k is the next step's: the warmup's 0.5, 0.75, then 1.0 x train.lr.
+    assert want[1]["lr"] < want[2]["lr"] < want[3]["lr"] == want[4]["lr"], "steps 1-3 are the warmup"
     split = tmp_path / "split"
     sp_launch(split, cache, *run, "train.max_steps=2")
     out = sp_launch(split, cache, *run, "train.resume=auto")
