@@ -149,19 +149,29 @@ def test_sequence_parallel_with_two_data_parallel_groups_trains_like_s1(sp_runs)
 @pytest.mark.slow
 @pytest.mark.resume
 def test_sequence_parallel_resume_continues_exactly_with_warmup_and_dropout(sp_runs, tmp_path):
-    """S=2, stopped at step 2 in the middle of a 3-step warmup, with attention dropout on: the resumed steps
-    3-4 have the lr, losses and gradient norms of an uninterrupted run (a scheduler that was not restored would
-    restart the warmup: step 3 would log 0.5 x train.lr, not 1.0; an RNG that was not restored would draw other
-    dropout masks)."""
+    """S=2, resumed from its step-2 checkpoint in the middle of a 3-step warmup, with attention dropout on: the
+    resumed steps 3-4 have the lr, losses and gradient norms of the uninterrupted run (a scheduler that was not
+    restored would restart the warmup: step 3 would log 0.5 x train.lr, not 1.0; an RNG that was not restored
+    would draw other dropout masks)."""
+    import shutil
+
     _, cache = sp_runs
     run = ["train.sequence_parallel_size=2", "train.warmup_steps=3", "+model.init.attention_dropout=0.1"]
-    sp_launch(tmp_path / "straight", cache, *run)
-    want = train_rows(tmp_path / "straight")
+    straight = tmp_path / "straight"
+    sp_launch(straight, cache, *run, "train.save_every=2")
+    want = train_rows(straight)
     # The lr logged at step k is the next step's: the warmup's 0.5, 0.75, then 1.0 x train.lr.
     assert want[1]["lr"] < want[2]["lr"] < want[3]["lr"] == want[4]["lr"], "steps 1-3 are the warmup"
-    split = tmp_path / "split"
-    sp_launch(split, cache, *run, "train.max_steps=2")
-    out = sp_launch(split, cache, *run, "train.resume=auto")
+    # The same run stopped after its step-2 checkpoint: later checkpoints and metrics gone.
+    split = shutil.copytree(straight, tmp_path / "split")
+    for later in (split / "checkpoints").glob("step*"):
+        if later.name != "step2":
+            shutil.rmtree(later)
+    (split / "results.json").unlink()
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= 2]
+    (split / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    out = sp_launch(split, cache, *run, "train.save_every=2", "train.resume=auto")
     assert "resumed at step 2" in out
     assert_same_steps(train_rows(split), want)
 
