@@ -20,8 +20,15 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt docker/Dockerfile
 	$(BIN)/pip install -q -c requirements-lock.txt -e ".[test]"
 	@touch $@
 
+# The demo records its accuracy and losses, with the machine and versions, in bench/results/demo_<cpu|cuda>.json
+# (committed; tests/test_readme_figures.py holds the README's figures to it).
+ifndef DEMO_RUN
+DEMO_RUN := runs/$(shell date +%Y%m%d-%H%M%S)
+endif
+
 demo: setup
-	$(BIN)/sft launch
+	$(BIN)/sft launch run_dir=$(DEMO_RUN)
+	$(BIN)/python bench/demo_result.py $(DEMO_RUN)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -11,10 +11,10 @@ Every setting runs in its own `torchrun --nproc_per_node 2` (gloo, real DeepSpee
 length over the budget. One packed row per step (global batch 1 row per data-parallel rank), documents of about
 length/4 tokens, every token trained (the worst case for the logits).
 
-Memory, CPU: the process's peak resident set size during the step (`VmHWM`, reset through
-`/proc/self/clear_refs` just before the step), and `step_gib`, that peak minus the resident size just before the
-step: what the step itself needed on top of weights, optimizer state and the Python/torch runtime. Measured
-on the CPU, not on a GPU (none was lent to this task); the ratios carry over, the absolute figures do not.
+Memory, CPU: the process's peak resident set size during the step (`launcher.metrics.PeakMemory`, what training
+logs as `peak_mem_gb`: `VmHWM`, reset through `/proc/self/clear_refs` just before the step), and `step_gib`, that
+peak minus the resident size just before the step: what the step itself needed on top of weights, optimizer
+state and the Python/torch runtime. Measured on the CPU, not on a GPU (none was lent to this task); the ratios carry over, the absolute figures do not.
 """
 
 from __future__ import annotations
@@ -49,13 +49,6 @@ MODEL = dict(  # a Qwen2-like vocabulary on a small body: the logits dominate, a
 )
 
 
-def rss_gib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -68,6 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     from launcher.long_context.tiled_loss import tiled_target_token_loss
     from launcher.long_context.tiled_mlp import install_tiled_mlp
     from launcher.loss import target_token_loss
+    from launcher.metrics import PeakMemory
     from launcher.train import train_step
 
     size, tiled, tiled_mlp = SETTINGS[args.setting]
@@ -105,6 +99,8 @@ def worker(args: argparse.Namespace) -> None:
     eng = ds_engine.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-4), None, ds_config)
     loss_fn = tiled_target_token_loss if tiled else target_token_loss
     g = torch.Generator().manual_seed(rank // size)
+    mem = PeakMemory(info.device)  # the training loop's own measure (peak_mem_gb)
+    assert mem.per_interval, "/proc/self/clear_refs cannot be written: no per-step peak"
     results = []
     for length in args.lengths:
         docs = []
@@ -114,12 +110,12 @@ def worker(args: argparse.Namespace) -> None:
             docs.append({"input_ids": ids, "labels": [-100] + ids[1:]})
         rows = pack_examples(docs, max_length=length)
         assert len(rows) == 1, len(rows)
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = rss_gib("VmRSS")
+        mem.take()  # the step's interval starts here
+        before = mem.now()
         t0 = time.time()
         out = train_step(eng, rows, 1, "sdpa", info.device, 0, world, loss_fn, sp)
         seconds = time.time() - t0
-        peak = rss_gib("VmHWM")
+        peak = mem.take()
         stats = torch.tensor([peak, peak - before], dtype=torch.float64)
         gathered = [torch.zeros_like(stats) for _ in range(world)]
         dist.all_gather(gathered, stats)

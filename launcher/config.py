@@ -227,10 +227,11 @@ class TrainConfig:
     """Resume even though the config differs from the checkpoint's in keys that decide the run (data, model,
     batch, optimizer, schedule); without it such a resume is refused, naming the keys."""
     verify_export: bool = True
-    """After exporting, reload the export on rank 0's CPU and compare its logits with the engine's on a
-    held-out row (needs the model's size in CPU memory); the run fails if they differ."""
+    """After exporting, reload the export on rank 0's CPU and compare it with the engine on a held-out row
+    (final hidden states, logits at a few positions; needs the model's size in CPU memory); fails if they differ."""
     check_packing: bool = True
-    """Before training, compare packed vs per-document logits on a real batch."""
+    """Before training, compare a real packed row with each of its documents alone (final hidden states, and
+    logits at a few positions per document)."""
     exact_match_eval: bool = False
     """Greedy-decode the final assistant turn of held-out rows and report exact-match accuracy
     before and after training."""

@@ -252,11 +252,26 @@ def backward(engine: Any, loss: torch.Tensor) -> None:
     engine.backward(loss, scale_wrt_gas=False)
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> None:
-    """Every rank's shards under `ckpt_dir/tag` (collective). DeepSpeed's own `latest` is not written here: it
+def save_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> list[Path]:
+    """Every rank's shards under `ckpt_dir/tag` (collective); returns the files this rank wrote, so that the
+    rank that wrote a file hashes it (`launcher.checkpoint`). DeepSpeed's own `latest` is not written here: it
     writes it on rank 0 before its closing barrier, so a job killed in that window would point at half-written
     shards (`launcher.checkpoint` writes it after its manifest)."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    writer = engine.checkpoint_engine
+    written: list[Path] = []
+    plain = writer.save
+
+    def save(state_dict: Any, path: str) -> Any:  # DeepSpeed calls it by keyword too
+        out = plain(state_dict, path)
+        written.append(Path(path))
+        return out
+
+    writer.save = save
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    finally:
+        del writer.save  # the class's own method again
+    return written
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> None:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from launcher.data.loader import collate
 from launcher.data.packing import doc_lengths
-from launcher.loss import model_inputs, target_token_loss
+from launcher.loss import final_hidden_states, target_token_loss
 
 
 def _shard(items: Sequence[Any], rank: int, world: int, per_batch: int) -> list[list[Any] | None]:
@@ -61,58 +61,91 @@ def eval_loss(
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total[1].item())}
 
 
+SAMPLED_POSITIONS = 8  # per document, where the self-check also compares logits (the LM head's own output)
+
+
+def sampled_positions(n: int, device: torch.device) -> torch.Tensor:
+    """At most SAMPLED_POSITIONS of 0..n-1, evenly spaced, first and last included."""
+    return torch.linspace(0, n - 1, min(n, SAMPLED_POSITIONS), device=device).round().long().unique()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max |a - b|, max |b|) in fp32."""
+    return (a.float() - b.float()).abs().max().item(), b.float().abs().max().item()
+
+
 @torch.no_grad()
 def packing_error(
     model: Any, row: dict, lengths: Sequence[int], attention: str, device: torch.device, sp: Any = None
-):
-    """(max |packed - per-document| logit difference, max |logit|) over the row's first documents.
+) -> dict[str, float]:
+    """How far the packed row's outputs are from each of its first documents run alone, relative to the
+    largest value: `hidden` over the final hidden states at every position, `logits` over the LM head's output
+    at SAMPLED_POSITIONS positions per document. Memory: [T, hidden] and [32, vocab], never [T, vocab].
 
     Each document's reference runs alone, with positions 0..n-1, whatever the row's own position ids say. With
-    `sp` (a `launcher.long_context.sequence_parallel.SequenceParallel` of S > 1) the packed row runs sequence-parallel.
+    `sp` (a `launcher.long_context.sequence_parallel.SequenceParallel` of S > 1) the packed row runs
+    sequence-parallel. Every rank runs the same forwards and head calls (ZeRO-3 gathers are collective).
     """
     batch = collate([row], attention, device=device)
     if sp is not None and sp.size > 1:
-        packed = sp.logits(model, batch)[0].float()
+        packed = sp.hidden_states(model, batch)[0]
     else:
-        packed = model(**model_inputs(batch)).logits[0].float()
-    worst, scale, start = 0.0, 0.0, 0
+        packed = final_hidden_states(model, batch)[0]
+    head = getattr(model, "module", model).get_output_embeddings()
+    out = {"hidden": [0.0, 0.0], "logits": [0.0, 0.0]}  # [max abs diff, max abs reference]
+    start = 0
     for n in lengths[:4]:
         doc = {
             "input_ids": row["input_ids"][start : start + n],
             "labels": row["labels"][start : start + n],
             "position_ids": list(range(n)),
         }
-        single = model(**model_inputs(collate([doc], attention, device=device))).logits[0].float()
-        worst = max(worst, (packed[start : start + n] - single).abs().max().item())
-        scale = max(scale, single.abs().max().item())
+        single = final_hidden_states(model, collate([doc], attention, device=device))[0]
+        at = sampled_positions(n, device)
+        pairs = {
+            "hidden": (packed[start : start + n], single),
+            "logits": (head(packed[start + at]), head(single[at])),
+        }
+        for key, (got, want) in pairs.items():
+            diff, scale = _rel(got, want)
+            out[key] = [max(out[key][0], diff), max(out[key][1], scale)]
         start += n
-    return worst, scale
+    return {
+        f"{key}_{what}": value
+        for key, (diff, scale) in out.items()
+        for what, value in (("max_abs_diff", diff), ("rel", diff / max(scale, 1e-6)))
+    }
 
 
 @torch.no_grad()
 def check_packing(
     model: Any, rows: Sequence[dict], attention: str, device: torch.device, tol: float, sp: Any = None
 ) -> dict:
-    """Packed vs per-document logits on real packed rows (sequence-parallel with `sp`); ValueError if documents
-    leak into each other."""
+    """Packed vs per-document final hidden states (and logits at sampled positions) on a real packed row,
+    sequence-parallel with `sp`; ValueError if documents leak into each other."""
     t0 = time.time()
     row = max(rows[:64], key=lambda r: len(doc_lengths(r["position_ids"])))
     lengths = doc_lengths(row["position_ids"])
     if len(lengths) < 2:
         return {"packing_check": "skipped (no packed row holds two documents)"}
     model.eval()
-    worst, scale = packing_error(model, row, lengths, attention, device, sp)
+    err = packing_error(model, row, lengths, attention, device, sp)
     model.train()
-    rel = worst / max(scale, 1e-6)
+    rel = max(err["hidden_rel"], err["logits_rel"])
     if rel > tol:
+        worst = "hidden" if err["hidden_rel"] >= err["logits_rel"] else "logits"
+        what = "final hidden states" if worst == "hidden" else "logits"
         raise ValueError(
-            f"packing self-check failed for attention={attention}: packed logits differ from per-document "
-            f"logits by {worst:.3g} (relative {rel:.3g} > {tol}); documents are leaking into each other. "
-            "Use another model.attention or report this model/backend pair (train.check_packing=false skips)."
+            f"packing self-check failed for attention={attention}: packed {what} differ from per-document "
+            f"{what} by {err[worst + '_max_abs_diff']:.3g} (relative {rel:.3g} > {tol}); documents are leaking "
+            "into each other. Use another model.attention or report this model/backend pair "
+            "(train.check_packing=false skips)."
         )
     return {
-        "packing_check_max_abs_diff": worst,
+        "packing_check_max_abs_diff": err["hidden_max_abs_diff"],
         "packing_check_rel": rel,
+        "packing_check_logits_max_abs_diff": err["logits_max_abs_diff"],
+        "packing_check_tokens": len(row["input_ids"]),
         "packing_check_s": time.time() - t0,
     }
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from launcher import engine as ds_engine
 from launcher.data.loader import collate
+from launcher.evaluate import sampled_positions
 from launcher.loss import model_inputs
 from launcher.model import param_shape
 
@@ -46,11 +47,13 @@ def export_hf(engine: Any, tok: Any, out_dir: Path) -> Path | None:
 
 @torch.no_grad()
 def verify_export(engine: Any, out_dir: Path, row: dict, attention: str, tol: float) -> dict[str, float]:
-    """Reload the export on rank 0's CPU and compare its logits with the engine's on one held-out row.
+    """Reload the export on rank 0's CPU and compare it with the engine on one held-out row: the final hidden
+    states at every position and the logits at SAMPLED_POSITIONS of them (the LM head's own output, with any
+    post-processing), never [T, vocab] logits.
 
     Catches an export that is not the trained model (shapes cut down, weights missing or untied wrongly, a
     config that disagrees with the tensors). Collective (the engine's forward gathers ZeRO-3 partitions);
-    raises RuntimeError on every rank when the two differ by more than `tol` relative to the largest logit.
+    raises RuntimeError on every rank when the two differ by more than `tol` relative to the largest value.
     """
     from transformers import AutoModelForCausalLM
 
@@ -61,9 +64,10 @@ def verify_export(engine: Any, out_dir: Path, row: dict, attention: str, tol: fl
     model = engine.module
     was_training = model.training
     model.eval()
-    ours = model(**model_inputs(collate([doc], attention, device=device))).logits[0].float().cpu()
+    at = sampled_positions(n, device)
+    ours = outputs(model, collate([doc], attention, device=device), at)
     model.train(was_training)
-    verdict = torch.zeros(3, dtype=torch.float64, device=device)  # [max abs diff, max |logit|, shapes differ]
+    verdict = torch.zeros(3, dtype=torch.float64, device=device)  # [max relative difference, max abs, shapes]
     if dist.get_rank() == 0:
         dtype = next(p.dtype for p in model.parameters())
         with ds_engine.local_construction():
@@ -71,20 +75,36 @@ def verify_export(engine: Any, out_dir: Path, row: dict, attention: str, tol: fl
         reloaded.eval()
         shapes = {k: param_shape(p) for k, p in model.named_parameters()}
         wrong = [k for k, p in reloaded.named_parameters() if k in shapes and tuple(p.shape) != shapes[k]]
-        theirs = reloaded(input_ids=torch.tensor([doc["input_ids"]])).logits[0].float()
-        same_width = theirs.shape == ours.shape
-        diff = (theirs - ours).abs().max().item() if same_width else float("inf")
-        verdict = torch.tensor([diff, ours.abs().max().item(), float(bool(wrong) or not same_width)])
+        plain = {"input_ids": torch.tensor([doc["input_ids"]])}
+        theirs = outputs(reloaded, plain, at.cpu())
+        rel, diff = 0.0, 0.0
+        same = all(theirs[k].shape == ours[k].shape for k in ours)
+        for k in ours if same else ():
+            d = (theirs[k] - ours[k].cpu()).abs().max().item()
+            rel, diff = max(rel, d / max(ours[k].abs().max().item(), 1e-6)), max(diff, d)
+        bad = bool(wrong) or not same
+        verdict = torch.tensor([float("inf") if bad else rel, diff, float(bad)])
         verdict = verdict.to(device=device, dtype=torch.float64)
         del reloaded
     dist.broadcast(verdict, src=0)
-    diff, scale, shapes_differ = verdict.tolist()
-    rel = diff / max(scale, 1e-6)
+    rel, diff, shapes_differ = verdict.tolist()
     if shapes_differ or rel > tol:
         raise RuntimeError(
-            f"export check failed: {out_dir} reloaded with from_pretrained gives logits that differ from the "
+            f"export check failed: {out_dir} reloaded with from_pretrained gives outputs that differ from the "
             f"trained engine's by {diff:.3g} (relative {rel:.3g} > {tol})"
             + (" and parameter shapes differ" if shapes_differ else "")
             + "; the export is not the trained model"
         )
     return {"export_check_max_abs_diff": diff, "export_check_rel": rel}
+
+
+def outputs(model: Any, batch: dict[str, Any], at: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"hidden": [T, H] final hidden states, "logits": [len(at), V] logits at positions `at`} in fp32, from one
+    forward that runs the LM head at those positions only (`logits_to_keep` as an index tensor)."""
+    captured: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    try:
+        logits = model(**model_inputs(batch), logits_to_keep=at).logits[0]
+    finally:
+        hook.remove()
+    return {"hidden": captured[-1][0].float(), "logits": logits.float()}

@@ -22,6 +22,20 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
 
 
+def final_hidden_states(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """[B, T, H] hidden states after the final norm, the LM head's input, with the head run at no position
+    (`logits_to_keep` is empty): what a whole-row pass compares or tiles without [T, vocab] logits."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    captured: list[torch.Tensor] = []
+    hook = inner.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    try:
+        nothing = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+        model(**model_inputs(batch), logits_to_keep=nothing)
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
 def next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
     """[B, T] target of each position: the next label in the row, or `shift_labels` when the batch holds a
     slice of the rows (sequence parallelism: the next label may live on another rank)."""

@@ -80,13 +80,47 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory allocated on CUDA; on CPU, this process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+CLEAR_REFS = Path("/proc/self/clear_refs")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+def rss_gb(field: str = "VmRSS") -> float:
+    """This process's resident set (`VmRSS`) or its peak since the last reset (`VmHWM`), in GiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """The peak memory of one interval at a time, in GiB: `take()` returns the peak since the previous `take()`
+    (the first: since the process started) and starts the next interval. The one way memory is measured:
+    training's logged peaks and the benchmarks use it.
+
+    CUDA: `max_memory_allocated` (tensors, not the caching allocator's reserve), reset by
+    `reset_peak_memory_stats`. CPU: the process's peak resident set (`VmHWM`), reset to the current resident set
+    by writing 5 to `/proc/self/clear_refs` (Linux >= 4.0). Where that file cannot be written (`per_interval`
+    False) every figure is the peak since the process started, and must be named so.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.per_interval = device.type == "cuda" or os.access(CLEAR_REFS, os.W_OK)
+
+    def now(self) -> float:
+        """Memory in use at this moment (CUDA: allocated; CPU: resident)."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**30
+        return rss_gb("VmRSS")
+
+    def take(self) -> float:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        peak = rss_gb("VmHWM")
+        if self.per_interval:
+            CLEAR_REFS.write_text("5")
+        return peak
 
 
 # ---- logging ----

@@ -35,7 +35,7 @@ from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
 from launcher.long_context.tiled_mlp import install_tiled_mlp
 from launcher.loss import target_token_loss
-from launcher.metrics import NullLogger, build_logger
+from launcher.metrics import NullLogger, PeakMemory, build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 from launcher.model.attention import choose_backend
 from launcher.optim import build_optimizer, warmup_steps
@@ -67,6 +67,7 @@ class Run:
     logger: NullLogger
     stop: StopRequest
     started: float  # when build_run began (results.json's wall_s counts from here)
+    memory: PeakMemory  # peaks per interval: start-up (from build_run), the self-check, each step, each eval
 
     @property
     def rank(self) -> int:
@@ -116,6 +117,8 @@ def build_run(cfg: DictConfig) -> Run:
     stop = STOP.install()  # SIGUSR1/SIGTERM: stop at a step boundary, with a checkpoint
     info = ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
+    memory = PeakMemory(device)
+    memory.take()  # start-up's interval begins here (train() may run more than once in a process)
     validate(cfg, world)
     t = cfg.train
     sp = SequenceParallel(t.sequence_parallel_size, rank, world)
@@ -173,6 +176,7 @@ def build_run(cfg: DictConfig) -> Run:
         logger=logger,
         stop=stop,
         started=started,
+        memory=memory,
     )
 
 

@@ -25,7 +25,7 @@ from launcher.evaluate import check_packing, exact_match
 from launcher.export import export_hf, verify_export
 from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.loss import count_targets, target_token_loss
-from launcher.metrics import peak_flops, peak_memory_gb, step_flops
+from launcher.metrics import peak_flops, step_flops
 from launcher.run import Run, build_run
 from launcher.stop import Preempted
 
@@ -86,8 +86,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     t, state = cfg.train, run.state
     results = before_training(run)
     start_step, steps = state.step, run.sampler.steps_from(state.step)
+    step_peak = 0.0
     while state.step < t.max_steps:
         rows = [run.data.train_rows[i] for i in next(steps)]
+        run.memory.take()  # what ran since the last step (a save, the stop check) is no step's peak
         began = time.time()
         out = train_step(
             run.engine,
@@ -100,12 +102,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             run.loss_fn,
             run.sp,
         )
+        step_peak = max(step_peak, run.memory.take())  # until the next log
         state.advance(out)
         step = state.step
         if step % t.log_every == 0 or step == t.max_steps:
-            log_step(run, out, rows, time.time() - began)
+            log_step(run, out, rows, time.time() - began, step_peak)
+            step_peak = 0.0
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and run.data.eval_rows:
             evaluation = run.evaluate()
+            evaluation["peak_mem_gb_eval"] = most_over_ranks(run.memory.take(), run.device)
             run.logger.log(evaluation, step)
             run.say(f"step {step}: eval_loss {evaluation['eval_loss']:.4f} (train loss {out['loss']:.4f})")
             warn_if_eval_rises(run, results, evaluation["eval_loss"], step)
@@ -128,9 +133,11 @@ def before_training(run: Run) -> dict[str, Any]:
         run.logger.log({"resumed_at": run.state.step}, run.state.step)
     else:
         run.say("starting at step 0")
+    setup_peak = run.memory.take()
     if t.check_packing:
         rows = run.data.train_rows
         check = check_packing(run.engine.module, rows, run.attention, run.device, run.precision.tol, run.sp)
+        check["peak_mem_gb_packing_check"] = most_over_ranks(run.memory.take(), run.device)
         results.update(check)
         run.say(f"packing self-check: {check}")
     if run.data.eval_rows and not run.state.step:
@@ -140,11 +147,32 @@ def before_training(run: Run) -> dict[str, Any]:
     if t.exact_match_eval and not run.state.step:
         results["accuracy_before"] = accuracy(run)
         run.say(f"held-out exact match before training: {results['accuracy_before']:.3f}")
+    log_start_up_peaks(run, results, setup_peak)
     return results
 
 
-def log_step(run: Run, out: dict[str, float], rows: list[dict], seconds: float) -> None:
-    """The step's metrics to metrics.jsonl, wandb and the progress bar (collective: the FLOPs are summed)."""
+def log_start_up_peaks(run: Run, results: dict[str, Any], setup_peak: float) -> None:
+    """Start-up's peak memory, logged once under its own names (the steps' intervals begin after it):
+    `peak_mem_gb_setup` (model, engine, resume, evaluation before training) and the self-check's."""
+    peaks = {"peak_mem_gb_setup": most_over_ranks(max(setup_peak, run.memory.take()), run.device)}
+    peaks.update({k: v for k, v in results.items() if k == "peak_mem_gb_packing_check"})
+    if not run.memory.per_interval:  # /proc/self/clear_refs not writable: peaks since the process started
+        peaks = {f"{k}_since_start": v for k, v in peaks.items()}
+        results.pop("peak_mem_gb_packing_check", None)
+    run.logger.log(peaks, run.state.step)
+    results.update(peaks)
+
+
+def most_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's value (a memory peak: what the fullest rank needed; collective)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def log_step(run: Run, out: dict[str, float], rows: list[dict], seconds: float, step_peak: float) -> None:
+    """The step's metrics to metrics.jsonl, wandb and the progress bar (collective: the FLOPs are summed, the
+    peak memory of the steps since the last log is the largest over ranks)."""
     flops = torch.tensor(
         [step_flops(run.model.config, run.n_params, rows)], device=run.device, dtype=torch.float64
     )
@@ -159,8 +187,9 @@ def log_step(run: Run, out: dict[str, float], rows: list[dict], seconds: float) 
         "trained_tokens": out["trained_tokens"],
         "tokens_seen": run.state.tokens_seen,
         "epoch": step // run.sampler.steps_per_epoch,
-        "peak_mem_gb": peak_memory_gb(run.device),
     }
+    key = "peak_mem_gb" if run.memory.per_interval else "peak_mem_gb_since_start"
+    metrics[key] = most_over_ranks(step_peak, run.device)
     if run.offload is not None:  # host memory the layer inputs took at most, since the last log
         metrics.update(run.offload.metrics())
     if peak := peak_flops(run.device):
@@ -208,7 +237,7 @@ def finish(run: Run, results: dict[str, Any], start_step: int) -> dict[str, Any]
             row = (run.data.eval_rows or run.data.train_rows)[0]
             export_dir = run.run_dir / "export"
             results.update(verify_export(run.engine, export_dir, row, run.attention, run.precision.tol))
-            run.say(f"export check: {export_dir} reloads with the engine's logits")
+            run.say(f"export check: {export_dir} reloads with the engine's hidden states and logits")
     if t.exact_match_eval:
         results["accuracy_after"] = accuracy(run)
     results.pop("eval_rise_warned", None)
@@ -218,12 +247,17 @@ def finish(run: Run, results: dict[str, Any], start_step: int) -> dict[str, Any]
     if run.rank == 0:
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         run.say(summary_line(results))
-        if t.exact_match_eval:  # before is not measured when resuming
-            before = results.get("accuracy_before", float("nan"))
-            run.say(f"accuracy: before={before:.3f} after={results['accuracy_after']:.3f}")
+        if t.exact_match_eval:
+            run.say(accuracy_line(results))
         run.say(f"run_dir: {run.run_dir}")
     dist.barrier()
     return results
+
+
+def accuracy_line(results: dict[str, Any]) -> str:
+    """`accuracy: before=A after=B`, held-out exact match (before is not measured when resuming: nan)."""
+    before = results.get("accuracy_before", float("nan"))
+    return f"accuracy: before={before:.3f} after={results['accuracy_after']:.3f}"
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -43,8 +43,9 @@ def fixture_path(*parts: str) -> Path:
 def sft_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a process the tests start: this checkout first on the import path (a worker or `sft`
     must not import a `launcher` installed elsewhere), CPU DeepSpeed, the hub offline."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **(extra or {})}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def sft_cmd(*args: str) -> list[str]:
@@ -65,9 +66,11 @@ def run_cli(
     return proc
 
 
-def sft_launch(overrides: list[str], run_dir: Path, cache_dir: Path, timeout: int = 900) -> str:
-    """`sft launch --nproc 2` with overrides into run_dir; asserts success and returns its stdout."""
-    args = ["launch", "--nproc", "2", *overrides, f"run_dir={run_dir}", f"cache_dir={cache_dir}"]
+def sft_launch(
+    overrides: list[str], run_dir: Path, cache_dir: Path, timeout: int = 900, nproc: int = 2
+) -> str:
+    """`sft launch --nproc 2` (or `nproc`) with overrides into run_dir; asserts success and returns its stdout."""
+    args = ["launch", "--nproc", str(nproc), *overrides, f"run_dir={run_dir}", f"cache_dir={cache_dir}"]
     return run_cli(args, expect_code=0, timeout=timeout).stdout
 
 

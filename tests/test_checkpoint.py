@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ def fake_checkpoint(root, step: int, complete: bool = True, files: dict[str, int
     tag = root / f"step{step}"
     tag.mkdir(parents=True)
     for name, size in (files or {"shard_rank0.pt": 10, "shard_rank1.pt": 12}).items():
-        (tag / name).write_bytes(b"x" * size)
+        (tag / name).write_bytes(bytes(range(1, size + 1)))
     if complete:
-        listed = {p.name: p.stat().st_size for p in tag.iterdir()}
+        listed = {p.name: checkpoint.file_record(p) for p in tag.iterdir()}
         (tag / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "files": listed}))
     return tag
 
@@ -44,6 +45,77 @@ def test_the_newest_complete_checkpoint_is_found_and_the_others_are_named(tmp_pa
     # A step dir named directly is that checkpoint or nothing.
     assert checkpoint.newest_complete(tmp_path / "step3")[0] == tmp_path / "step3"
     assert checkpoint.newest_complete(tmp_path / "step9")[0] is None
+
+
+def test_a_same_size_change_is_caught_by_the_content_hash(tmp_path):
+    """A flipped bit and a zero-filled file (what a crash before the data reached the disk leaves) keep their
+    size: the manifest's SHA-256 catches both; sizes alone (rotation, the launcher's preflight) do not."""
+    for step, corrupt in ((3, "flip"), (6, "zeros")):
+        tag = fake_checkpoint(tmp_path, step)
+        shard = tag / "shard_rank1.pt"
+        data = bytearray(shard.read_bytes())
+        if corrupt == "flip":
+            data[len(data) // 2] ^= 0x01
+        else:
+            data = bytearray(len(data))
+        shard.write_bytes(bytes(data))
+        why = "shard_rank1.pt does not match its sha256 in the manifest (its content changed after the save)"
+        assert checkpoint.problem(tag) == why, corrupt
+        assert checkpoint.problem(tag, content=False) is None
+    fake_checkpoint(tmp_path, 2)
+    found, skipped = checkpoint.newest_complete(tmp_path)
+    assert found == tmp_path / "step2" and [s[0] for s in skipped] == [
+        str(tmp_path / f"step{n}") for n in (6, 3)
+    ]
+    # A manifest from before content hashes (sizes only) still counts.
+    old = fake_checkpoint(tmp_path, 9)
+    manifest = json.loads((old / checkpoint.MANIFEST).read_text())
+    manifest["files"] = {k: v["bytes"] for k, v in manifest["files"].items()}
+    (old / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.problem(old) is None and checkpoint.newest_complete(tmp_path)[0] == old
+
+
+@pytest.mark.slow
+def test_a_save_is_durable_before_its_manifest_and_each_rank_hashes_what_it_wrote(tmp_path):
+    """A real ZeRO-3 save on 2 ranks, with fsync, renames and hashing recorded (tests/workers/checkpoint.py): each
+    rank fsyncs and hashes exactly the files it wrote; every file, the step dir and the checkpoints dir are
+    fsynced before the manifest is renamed into place, the manifest's own data before its name, `latest` after it;
+    and the manifest's hashes are the files' own."""
+    import hashlib
+
+    from tests.helpers import torchrun, worker
+
+    proc = torchrun([worker("checkpoint.py"), str(tmp_path)], 2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    root = tmp_path / "checkpoints"
+    tag = root / "step1"
+    files = json.loads((tag / checkpoint.MANIFEST).read_text())["files"]
+    assert sorted(files) == sorted(p.name for p in tag.iterdir() if p.name != checkpoint.MANIFEST)
+    for name, record in files.items():
+        data = (tag / name).read_bytes()
+        assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    for r in (0, 1):
+        hashed = sorted(p for what, p, _ in events[r] if what == "hash")
+        mine = sorted(str(tag / n) for n in files if f"rank_{r}_" in n or n == f"rng_rank{r}.pt")
+        assert hashed == mine and len(mine) == 3, (r, hashed)
+
+    def when(what: str, path, rank: int | None = None) -> list[int]:
+        ranks = [rank] if rank is not None else [0, 1]
+        return [t for r in ranks for w, p, t in events[r] if w == what and p == str(path)]
+
+    (manifest_at,) = when("replace", tag / checkpoint.MANIFEST)
+    (latest_at,) = when("replace", root / "latest")
+    for name in files:
+        assert when("fsync", tag / name) and max(when("fsync", tag / name)) < manifest_at, name
+    last_file = max(t for name in files for t in when("fsync", tag / name))
+    for d in (tag, root):  # the new names in each, after the last file and before the manifest
+        assert any(last_file < t < manifest_at for t in when("fsync", d, 0)), d
+    tmps = [p for w, p, t in events[0] if w == "fsync" and ".tmp" in p]
+    assert [Path(p).name.split(".tmp")[0] for p in tmps] == [checkpoint.MANIFEST, "latest"]
+    assert max(when("fsync", tmps[0])) < manifest_at < min(t for t in when("fsync", tag) if t > manifest_at)
+    assert manifest_at < max(when("fsync", tmps[1])) < latest_at < max(when("fsync", root))
+    assert (root / "latest").read_text() == "step1"
 
 
 def test_rotation_keeps_the_newest_complete_ones_and_never_the_newest_complete(tmp_path):
@@ -69,19 +141,38 @@ def test_the_exactness_config_names_what_decides_the_run():
     assert "train.max_steps" not in constant
 
 
-def can_mount_tmpfs() -> bool:
-    return os.geteuid() == 0 and shutil.which("mount") is not None
+def mount_small_tmpfs(where: Path) -> None:
+    """Mount a 64 MiB tmpfs at `where` (a disk to fill), or skip saying why it cannot be mounted here: not root,
+    no `mount`, or a container that does not permit it, whatever the uid."""
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command to make a small tmpfs as a full disk")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        why = (proc.stderr.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+        pytest.skip(f"cannot mount a small tmpfs as a full disk here (uid {os.geteuid()}): {why}")
+
+
+def test_the_full_disk_test_skips_where_mount_fails(tmp_path, monkeypatch):
+    """`mount` refused (not permitted in this container, whatever the uid): a skip naming why, not an error."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mount").write_text("#!/bin/sh\necho 'mount: permission denied (are you root?)' >&2\nexit 32\n")
+    (fake / "mount").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(pytest.skip.Exception, match="cannot mount .*: mount: permission denied"):
+        mount_small_tmpfs(tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.faults
-@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount a small tmpfs as a full disk")
 def test_a_full_disk_names_the_path_and_leaves_latest_on_the_previous_checkpoint(tmp_path):
 
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(ckpts)], check=True)
+    mount_small_tmpfs(ckpts)
     try:
         cmd = [
             sys.executable,

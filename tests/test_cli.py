@@ -30,7 +30,7 @@ def test_check_passes_on_the_default_model():
     out = sft("check")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'attention': 'sdpa'" in out.stdout and "packing_check_rel" in out.stdout
-    assert out.stdout.strip().splitlines()[-1].startswith("PASS: packed logits equal per-document logits")
+    assert out.stdout.strip().splitlines()[-1].startswith("PASS: packed outputs equal per-document outputs")
 
 
 def test_check_ends_with_a_fail_line_when_documents_leak(monkeypatch, capsys):

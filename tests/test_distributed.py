@@ -81,3 +81,19 @@ def test_two_nodes_share_one_cache_and_train_as_one_job(tmp_path):
     assert next(cache.iterdir()).name.startswith("prepared-")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def test_workers_import_the_checkout_under_test(tmp_path, monkeypatch):
+    """A torchrun worker run as a script imports `launcher` from this checkout, not from whichever copy is
+    installed (another clone's editable install) or already on PYTHONPATH: here a decoy package first on the
+    test process's PYTHONPATH."""
+    decoy = tmp_path / "decoy" / "launcher"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    worker = tmp_path / "where.py"
+    worker.write_text("import sys, launcher\nopen(sys.argv[1], 'w').write(launcher.__file__)\n")
+    out = tmp_path / "where.txt"
+    monkeypatch.setenv("PYTHONPATH", str(decoy.parent))
+    proc = torchrun([str(worker), str(out)], 1, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_text() == str(ROOT / "launcher" / "__init__.py")

@@ -125,15 +125,44 @@ def torch_version() -> str:
 
 
 def cpu_torch_wheels() -> list[Path]:
-    """This machine's CPU torch wheels in pip's find-links (a plain `pip install torch` in the container would
-    fetch the multi-GB CUDA build)."""
+    """CPU torch wheels of the pinned version in `docker/local/wheels/` or a local dir of pip's find-links (a
+    plain `pip install torch` in the container would fetch the multi-GB CUDA build)."""
     links = os.environ.get("PIP_FIND_LINKS", "").split()
     conf = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
     links += [w for m in re.findall(r"find-links='([^']*)'", conf.stdout) for w in m.split()]
     dirs = {
         Path(link.removeprefix("file://")) for link in links if "://" not in link or link.startswith("file:")
     }
+    dirs.add(ROOT / "docker" / "local" / "wheels")
     return sorted({w for d in dirs if d.is_dir() for w in d.glob(f"torch-{torch_version()}+cpu-*.whl")})
+
+
+def no_wheel_reason() -> str:
+    """The skip's reason: what the tests need, and how to provide it."""
+    v = torch_version()
+    return (
+        f"the docker tests build on a CPU base and need a CPU wheel of torch=={v} (torch-{v}+cpu-*.whl) in "
+        f"docker/local/wheels/ or a local find-links dir of pip; none found. Provide it with: pip download "
+        f"torch=={v} --no-deps --index-url https://download.pytorch.org/whl/cpu -d docker/local/wheels"
+    )
+
+
+def test_the_cpu_torch_wheel_may_be_put_in_docker_local_wheels(tmp_path, monkeypatch):
+    """Where pip's find-links has no CPU torch wheel, one put in docker/local/wheels/ (as the skip says) is
+    used; the skip names the version, the folder and the command that fills it."""
+    import tests.test_docker as this
+
+    wheels = tmp_path / "docker" / "local" / "wheels"
+    wheels.mkdir(parents=True)
+    (tmp_path / "docker" / "Dockerfile").write_text((ROOT / "docker" / "Dockerfile").read_text())
+    wheel = wheels / f"torch-{torch_version()}+cpu-cp311-cp311-linux_x86_64.whl"
+    wheel.write_bytes(b"")
+    monkeypatch.setattr(this, "ROOT", tmp_path)
+    assert wheel in cpu_torch_wheels()
+    reason = no_wheel_reason()
+    assert (
+        f"torch=={torch_version()}" in reason and "docker/local/wheels" in reason and "pip download" in reason
+    )
 
 
 def build_context(dest: Path, wheels: list[Path]) -> None:
@@ -163,7 +192,7 @@ def image(docker, tmp_path_factory):
     """The image built from docker/Dockerfile with BASE_IMAGE = the debootstrap import; its (uid, gid)."""
     wheels = cpu_torch_wheels()
     if not wheels:
-        pytest.skip(f"no CPU wheel of torch=={torch_version()} in pip's find-links to copy into the build")
+        pytest.skip(no_wheel_reason())
     ctx = tmp_path_factory.mktemp("docker-context")
     build_context(ctx, wheels)
     cmd = ["build", "-f", "docker/Dockerfile", "-t", IMAGE, "--build-arg", f"BASE_IMAGE={docker.base}"]

@@ -31,6 +31,31 @@ def test_tiled_loss_and_tiled_mlp_train_like_untiled_under_zero3(tmp_path, tied)
 
 
 @pytest.mark.slow
+def test_automatic_tile_counts_agree_across_ranks_with_unequal_targets_under_zero3(tmp_path):
+    """No `n_tiles`: each micro-batch's tiles are counted as in training, on ranks whose rows differ in length
+    and targets, so their own counts differ (LM head: targets; MLP: tokens); every rank runs the largest (the MAX
+    all-reduce), ZeRO-3's per-tile gathers stay in step, and the losses and gradient norms equal untiled. Without
+    the all-reduce the ranks' gathers fall out of step: the run fails or hangs until the 1-minute timeout."""
+    out = tmp_path / "r.pt"
+    proc = torchrun([worker("tiled.py"), "untied", "auto", str(out)], 2, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    for kind in ("loss", "mlp"):
+        per_rank = [c[kind] for c in got["counts"]]
+        assert len(per_rank[0]) == len(per_rank[1]) > 0, kind
+        for (own0, ran0), (own1, ran1) in zip(*per_rank, strict=True):
+            assert ran0 == ran1 == max(own0, own1), (kind, per_rank)
+        assert any(own0 != own1 for (own0, _), (own1, _) in zip(*per_rank)), (kind, per_rank)
+        assert max(ran for _, ran in per_rank[0]) > 1, (kind, per_rank)  # tiled for real
+    ref = got["untiled"]
+    for variant in ("tiled", "tiled_mlp"):
+        for key in ("loss", "grad_norm"):
+            for step, (a, b) in enumerate(zip(ref[key], got[variant][key], strict=True)):
+                assert abs(a - b) <= 1e-5 * abs(a), (variant, key, step, a, b)
+    assert ref["grad_norm"][0] > 0 and ref["loss"][0] != ref["loss"][-1]
+
+
+@pytest.mark.slow
 def test_sequence_parallel_logits_equal_each_document_alone(tmp_path):
     """S=2 over two packed rows, real ZeRO-3: Llama, Qwen2 with sliding layers, Mistral with a window; sdpa,
     eager, flex attention, torch_varlen and flash_attention_2 (those two through reference kernels on CPU). Every
@@ -40,7 +65,8 @@ def test_sequence_parallel_logits_equal_each_document_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     diffs = torch.load(out)
     assert len(diffs) == 3 * 5 * 4, sorted(diffs)  # archs x backends x documents
-    bad = {k: v for k, v in diffs.items() if not v <= 1e-5}
+    print("SP logits vs each document alone, largest |difference|:", max(diffs.values()))
+    bad = {k: v for k, v in diffs.items() if not v <= 1e-7}  # the README's figure (measured: 8.9e-8)
     assert not bad, bad
 
 
@@ -53,14 +79,15 @@ def test_deepspeed_stock_ulysses_wrapper_leaks_across_packed_documents(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diffs = torch.load(out)
     assert diffs[("llama", "sdpa", 0)] <= 1e-5  # the first document has nothing before it
-    assert all(diffs[("llama", "sdpa", i)] > 1e-2 for i in (1, 2, 3)), diffs
+    print("stock wrapper vs each document alone:", diffs)
+    assert all(diffs[("llama", "sdpa", i)] > 0.1 for i in (1, 2, 3)), diffs  # README: 0.14-0.31
 
 
 SP_RUN = [*SMALL_RUN, "train.max_steps=4", "train.warmup_steps=1", "train.schedule=constant"]
 
 
-def sp_launch(run_dir, cache, *extra):
-    return sft_launch([*SP_RUN, *extra], run_dir, cache, timeout=600)
+def sp_launch(run_dir, cache, *extra, nproc: int = 2):
+    return sft_launch([*SP_RUN, *extra], run_dir, cache, timeout=600, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +102,12 @@ def sp_runs(tmp_path_factory):
 
 def assert_same_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    worst = max(abs(got[s][k] - want[s][k]) / abs(want[s][k]) for s in want for k in ("loss", "grad_norm"))
+    print(f"largest relative difference of loss and grad_norm: {worst:.2g}")
     for step in want:
-        for key in ("loss", "grad_norm", "trained_tokens", "tokens_seen"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+        for key in ("loss", "lr", "grad_norm", "trained_tokens", "tokens_seen"):
+            # The README's figure, relative difference < 1e-6 (measured: 8.7e-8 at most).
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6), (step, key)
 
 
 @pytest.mark.slow
@@ -105,14 +135,45 @@ def eval_losses(run_dir) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.resume
-def test_sequence_parallel_resume_continues_exactly(sp_runs, tmp_path):
+def test_sequence_parallel_with_two_data_parallel_groups_trains_like_s1(sp_runs):
+    """4 CPU ranks, S=2: two data-parallel groups of two sequence-parallel ranks. The sampler deals each step's
+    rows by data-parallel rank (rank // S) and the counts, losses and gradients are reduced over both groups:
+    the losses, lr and gradient norms of S=1 (2 data-parallel ranks, the same rows per data-parallel rank) step
+    for step, with ZeRO-3 partitioning over all 4 ranks."""
     tmp, cache = sp_runs
-    split = tmp_path / "split"
-    sp_launch(split, cache, "train.sequence_parallel_size=2", "train.max_steps=2")
-    out = sp_launch(split, cache, "train.sequence_parallel_size=2", "train.resume=auto")
+    out = sp_launch(tmp / "s2_dp2", cache, "train.sequence_parallel_size=2", nproc=4)
+    assert "world size 4" in out and "x 2 ranks (x 2 sequence-parallel ranks per row)" in out, out[-2000:]
+    assert_same_steps(train_rows(tmp / "s2_dp2"), train_rows(tmp / "s1"))
+
+
+@pytest.mark.slow
+@pytest.mark.resume
+def test_sequence_parallel_resume_continues_exactly_with_warmup_and_dropout(sp_runs, tmp_path):
+    """S=2, resumed from its step-2 checkpoint in the middle of a 3-step warmup, with attention dropout on: the
+    resumed steps 3-4 have the lr, losses and gradient norms of the uninterrupted run (a scheduler that was not
+    restored would restart the warmup: step 3 would log 0.5 x train.lr, not 1.0; an RNG that was not restored
+    would draw other dropout masks)."""
+    import shutil
+
+    _, cache = sp_runs
+    run = ["train.sequence_parallel_size=2", "train.warmup_steps=3", "+model.init.attention_dropout=0.1"]
+    straight = tmp_path / "straight"
+    sp_launch(straight, cache, *run, "train.save_every=2")
+    want = train_rows(straight)
+    # The lr logged at step k is the next step's: the warmup's 0.5, 0.75, then 1.0 x train.lr.
+    assert want[1]["lr"] < want[2]["lr"] < want[3]["lr"] == want[4]["lr"], "steps 1-3 are the warmup"
+    # The same run stopped after its step-2 checkpoint: later checkpoints and metrics gone.
+    split = shutil.copytree(straight, tmp_path / "split")
+    for later in (split / "checkpoints").glob("step*"):
+        if later.name != "step2":
+            shutil.rmtree(later)
+    (split / "results.json").unlink()
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= 2]
+    (split / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    out = sp_launch(split, cache, *run, "train.save_every=2", "train.resume=auto")
     assert "resumed at step 2" in out
-    assert_same_steps(train_rows(split), train_rows(tmp / "s2"))
+    assert_same_steps(train_rows(split), want)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,12 @@ from tests.helpers import (
     sft_cmd,
     train_rows,
 )
+
+
+def own_copy(run_dir, tmp_path):
+    """A copy of a shared fixture's run dir for one test, so that no test sees another's launches and none
+    depends on the order they run in."""
+    return shutil.copytree(run_dir, tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -74,7 +81,8 @@ def test_a_killed_job_resumes_exactly_from_its_last_checkpoint(tmp_path, straigh
 def test_resuming_a_finished_run_exits_0_with_its_results_and_first_loss(tmp_path, straight_run):
     """What a requeued or resubmitted job sees once the run is done: nothing to train, exit 0, results.json
     with the run's real first and last loss, and this launch's config kept beside the first one's."""
-    want, cache, run_dir = straight_run
+    want, cache, finished = straight_run
+    run_dir = own_copy(finished, tmp_path)
     config_before = (run_dir / "config.yaml").read_text()
     (run_dir / "results.json").unlink()
     out = launch(run_dir, cache, "train.max_steps=8", "train.resume=auto")
@@ -92,7 +100,8 @@ def test_resuming_a_finished_run_exits_0_with_its_results_and_first_loss(tmp_pat
 @pytest.mark.resume
 @pytest.mark.badinput
 def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, straight_run):
-    _, cache, run_dir = straight_run
+    _, cache, finished = straight_run
+    run_dir = own_copy(finished, tmp_path)
     cmd = sft_cmd("launch", "--nproc", "2", *SMALL_RUN, "train.max_steps=8")
     cmd += ["train.resume=auto", "data.max_length=128", "train.lr=1e-3"]
     cmd += [f"run_dir={run_dir}", f"cache_dir={cache}"]
@@ -161,22 +170,47 @@ def test_resume_auto_with_the_default_timestamped_run_dir_is_refused():
     assert "train.resume=auto needs the run's own run_dir" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.fixture(scope="module")
+def saved_at_3_and_6(tmp_path_factory, straight):
+    """The first 6 steps of the straight run, saved at steps 3 and 6 (each test damages its own copy)."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    launch(run_dir, straight[1], "train.max_steps=6", "train.save_every=3")
+    return run_dir
+
+
+def damage(shard, how: str) -> str:
+    """Damage a shard as a crash or a bad disk does; returns what the resume must say about it."""
+    size = shard.stat().st_size
+    if how == "truncated":  # a save killed mid-write, or out of space
+        with shard.open("r+b") as f:
+            f.truncate(size // 2)
+        return f"{shard.name} is {size // 2} bytes, the manifest says {size}"
+    data = bytearray(shard.read_bytes())
+    if how == "byte_flipped":  # one byte of the tensor data inverted: the size is unchanged
+        data[size // 2] ^= 0xFF
+    else:  # zero_filled: the file's blocks never reached the disk before a crash; same size
+        data = bytearray(size)
+    shard.write_bytes(bytes(data))
+    assert shard.stat().st_size == size
+    return f"{shard.name} does not match its sha256 in the manifest (its content changed after the save)"
+
+
 @pytest.mark.slow
 @pytest.mark.resume
 @pytest.mark.faults
-def test_a_truncated_shard_is_skipped_and_the_previous_checkpoint_resumes_exactly(tmp_path, straight):
+@pytest.mark.parametrize("how", ["truncated", "byte_flipped", "zero_filled"])
+def test_a_damaged_shard_is_skipped_and_the_previous_checkpoint_resumes_exactly(
+    tmp_path, straight, saved_at_3_and_6, how
+):
+    """Each damage falls back to the step-3 checkpoint with one line naming the file and why, and the resumed
+    steps equal the uninterrupted run's (without the content hash, a byte-flipped or zero-filled shard of the
+    right size is loaded: a crash or a different run)."""
     want, cache = straight
-    run_dir = tmp_path / "run"
-    launch(run_dir, cache, "train.max_steps=6", "train.save_every=3")
-    shard = run_dir / "checkpoints" / "step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    size = shard.stat().st_size
-    with shard.open("r+b") as f:
-        f.truncate(size // 2)
+    run_dir = own_copy(saved_at_3_and_6, tmp_path)
+    why = damage(run_dir / "checkpoints" / "step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", how)
     out = launch(run_dir, cache, "train.max_steps=8", "train.resume=auto")
-    assert (
-        f"skipping checkpoint {run_dir}/checkpoints/step6: {shard.name} is {size // 2} bytes, "
-        f"the manifest says {size}" in out
-    )
+    skipped = [line for line in out.splitlines() if "skipping checkpoint" in line]
+    assert skipped == [f"skipping checkpoint {run_dir}/checkpoints/step6: {why}"], skipped
     assert "resumed at step 3" in out
     assert_same_steps(train_rows(run_dir), want)
 

@@ -118,10 +118,11 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "check",
-        "compares packed vs per-document logits of the configured model and backend, built as training builds it",
+        "compares packed vs per-document outputs of the configured model and backend, built as training builds it",
         "sft check [overrides]",
         "Builds the configured model as training does (precision, attention backend, tiled MLP, checkpointing) "
-        "and compares packed vs per-document logits on real packed rows: PASS or FAIL.",
+        "and compares a real packed row with each of its documents alone (final hidden states, logits at 8 "
+        "positions per document): PASS or FAIL.",
         "check",
     ),
     Command(

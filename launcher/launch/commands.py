@@ -120,8 +120,8 @@ def preview(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Packed vs per-document logits of the model exactly as training builds it (`launcher.run`), in this
-    process, on this machine's device."""
+    """Packed vs per-document outputs (final hidden states, logits at sampled positions) of the model exactly as
+    training builds it (`launcher.run`), in this process, on this machine's device."""
     import torch
 
     from launcher.data.pipeline import prepare_data
@@ -149,7 +149,7 @@ def check(args: argparse.Namespace) -> int:
         print(f"PASS (vacuous): {result['packing_check']}")
     else:
         print(
-            f"PASS: packed logits equal per-document logits for attention={choice.attention} "
+            f"PASS: packed outputs equal per-document outputs for attention={choice.attention} "
             f"(relative difference {result['packing_check_rel']:.2g} <= {tol})"
         )
     return EXIT_OK

@@ -77,7 +77,7 @@ def stopped(stop: lifecycle.LaunchStop, code: int, run_dir: Path, args: list[str
 
     if code == 0:  # the run finished before the ranks saw the request
         return EXIT_OK
-    ckpt, _ = newest_complete(run_dir / "checkpoints")
+    ckpt, _ = newest_complete(run_dir / "checkpoints", content=False)  # sizes: what a stop just wrote
     kept = [a for a in args if not a.lstrip("+").startswith("train.resume=")]
     resume = (
         f"resume with: {shlex.join(['sft', 'launch', '--nproc', str(nproc), *kept, 'train.resume=auto'])}"

@@ -16,8 +16,8 @@ flash-attn), which apply the window themselves. DeepSpeed's `UlyssesSPAttentionH
 causally over the gathered sequence, which lets every packed document see the ones before it.
 
 Data parallelism is `world / S`: the sampler deals rows to `dp_world` data-parallel ranks, and every rank of
-an SP group gets the same rows. Outside `shard` (evaluation, the packing self-check, export checks) the wrapped
-attention runs the backend unchanged on whole rows.
+an SP group gets the same rows. Outside `shard` (the packing self-check's per-document references, exact-match
+generation, the export check) the wrapped attention runs the backend unchanged on whole rows.
 """
 
 from __future__ import annotations
@@ -127,13 +127,14 @@ class SequenceParallel:
         finally:
             _STATE.sp, _STATE.positions, _STATE.masks, _STATE.varlen = None, None, {}, {}
 
-    def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        """[B, T, V] logits of whole rows computed sequence-parallel (every rank of the group gets them all)."""
-        from launcher.loss import model_inputs
+    def hidden_states(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, T, H] final hidden states of whole rows computed sequence-parallel (every rank of the group gets
+        them all; no logits are computed)."""
+        from launcher.loss import final_hidden_states
 
         t = batch["input_ids"].shape[1]
         with self.shard(batch) as local:
-            mine = model(**model_inputs(local)).logits.contiguous()
+            mine = final_hidden_states(model, local).contiguous()
         parts = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(parts, mine, group=self.group)
         return torch.cat(parts, dim=1)[:, :t]

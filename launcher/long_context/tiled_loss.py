@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
-from launcher.loss import model_inputs, next_token_targets
+from launcher.loss import final_hidden_states, next_token_targets
 
 # Post-processing some heads apply to the logits after the projection (Gemma 2's soft-capping, Cohere's scale,
 # Granite's divisor): the tiled loss calls the projection alone, so it refuses these models.
@@ -90,14 +90,17 @@ class _TiledHeadLoss(torch.autograd.Function):
 MIN_TILE_LOGITS = 2**27
 
 
+def own_tile_count(n_rows: int, hidden_size: int, vocab_size: int) -> int:
+    """This rank's tiles for `n_rows` target rows: a tile's logits are no larger than the hidden states
+    ([rows / tiles, vocab] ~ [rows, hidden]) or MIN_TILE_LOGITS, whichever is larger."""
+    return math.ceil(n_rows * vocab_size / max(n_rows * hidden_size, MIN_TILE_LOGITS))
+
+
 def count_tiles(n_rows: int, hidden_size: int, vocab_size: int, device: torch.device) -> int:
-    """Tiles for `n_rows` target rows: a tile's logits are no larger than the hidden states ([rows / tiles,
-    vocab] ~ [rows, hidden]) or MIN_TILE_LOGITS, whichever is larger. Every rank takes the largest count: under
-    ZeRO-3 each head call gathers the weight collectively, so all ranks must make the same number of calls (a
-    rank with fewer targets runs smaller, possibly empty, tiles)."""
-    n = torch.tensor(
-        [math.ceil(n_rows * vocab_size / max(n_rows * hidden_size, MIN_TILE_LOGITS))], device=device
-    )
+    """The tiles every rank runs: the largest `own_tile_count` over ranks. Under ZeRO-3 each head call gathers
+    the weight collectively, so all ranks must make the same number of calls (a rank with fewer targets runs
+    smaller, possibly empty, tiles)."""
+    n = torch.tensor([own_tile_count(n_rows, hidden_size, vocab_size)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return max(1, int(n.item()))
@@ -114,14 +117,7 @@ def tiled_target_token_loss(
     """
     targets = next_token_targets(batch)
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    captured: list[torch.Tensor] = []
-    hook = inner.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
-    try:
-        nothing = torch.zeros(0, dtype=torch.long, device=targets.device)
-        model(**model_inputs(batch), logits_to_keep=nothing)
-    finally:
-        hook.remove()
-    hidden = captured[-1]  # [B, T, H] after the final norm
+    hidden = final_hidden_states(model, batch)  # [B, T, H] after the final norm
     where = targets != IGNORE_INDEX
     rows, kept = hidden[where], targets[where]  # only positions that predict a target
     head = inner.get_output_embeddings()

@@ -47,11 +47,16 @@ class _TiledMLP(torch.autograd.Function):
         return None, None, x.grad if x.grad is not None else torch.zeros_like(x), None
 
 
-def count_mlp_tiles(seq_len: int, hidden_size: int, device: torch.device) -> int:
+def own_mlp_tile_count(seq_len: int, hidden_size: int) -> int:
     """DeepSpeed's choice, ceil(tokens / hidden_size) tiles, so a tile's [tile, intermediate] activations are
-    about the size of a [hidden, intermediate] weight. The largest count over ranks: under ZeRO-3 each tile
-    gathers the MLP's weights collectively, so every rank must run the same number of tiles."""
-    n = torch.tensor([max(1, math.ceil(seq_len / hidden_size))], device=device)
+    about the size of a [hidden, intermediate] weight."""
+    return max(1, math.ceil(seq_len / hidden_size))
+
+
+def count_mlp_tiles(seq_len: int, hidden_size: int, device: torch.device) -> int:
+    """The tiles every rank runs: the largest `own_mlp_tile_count` over ranks. Under ZeRO-3 each tile gathers
+    the MLP's weights collectively, so every rank must run the same number of tiles."""
+    n = torch.tensor([own_mlp_tile_count(seq_len, hidden_size)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return int(n.item())

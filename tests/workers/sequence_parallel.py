@@ -6,7 +6,13 @@ DeepSpeed: sdpa with the model's own causal and sliding-window masks). torch_var
 tests/reference_kernels.py's kernel (PyTorch's is CUDA-only), and flash_attention_2 through transformers' own
 flash integration with a reference in place of flash-attn's varlen kernel: what is tested is our side, the whole
 flattened batch's boundaries handed to the kernel. `stock`: one row, with DeepSpeed's own UlyssesSPAttentionHF, which
-attends causally over the gathered row. Rank 0 writes the max abs differences per (arch, backend, document)."""
+attends causally over the gathered row. Rank 0 writes the max abs differences per (arch, backend, document).
+
+`gpu` (tests/test_gpu.py, 2 GPUs over NCCL): the varlen kernel `auto` picks (flash-attn, else PyTorch's
+torch_varlen) in bf16 under S=2 on longer documents, against each document alone through plain sdpa in bf16; rank
+0 writes the relative error (norm of the difference over the reference's norm) per (arch, document). A leaking
+document is off by ~1e-1 there, while the loss of a leaking run moves by less than 2.4e-3: logits, not losses.
+On CPU (a smoke test of this code) it runs fp32 through tests/reference_kernels.py's varlen kernel."""
 
 from __future__ import annotations
 
@@ -67,7 +73,95 @@ def stock_wrapper(sp: SequenceParallel, cfg) -> None:
     AttentionInterface.register("ds_stock", wrapper)
 
 
+GPU_SMALL = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
+GPU_ARCHS = {
+    "llama": dict(model_type="llama"),
+    "qwen2_sliding": dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1
+    ),
+    "mistral_sliding": dict(model_type="mistral", sliding_window=64),
+}
+GPU_LENGTHS = (300, 41, 700, 129, 17, 500)  # as tests/test_gpu.py: two rows of 1,024, windows of 64
+
+
+def gpu_main(out: str) -> None:
+    import importlib.util
+
+    info = ds_engine.init_distributed(timeout_minutes=5)
+    world, cuda = info.world_size, info.device.type == "cuda"
+    sp = SequenceParallel(world, info.rank, world)
+    if cuda:
+        from launcher.model.attention import varlen_available
+
+        backend = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "torch_varlen"
+        assert backend == "flash_attention_2" or varlen_available(), "no varlen kernel on this GPU"
+    else:  # the CPU smoke test of this code: the reference varlen kernel, fp32
+        import torch.nn.attention.varlen as varlen
+
+        from tests.reference_kernels import reference_varlen_attn
+
+        varlen.varlen_attn, backend = reference_varlen_attn, "torch_varlen"
+    if backend == "torch_varlen":
+        from launcher.model.attention import register_varlen
+
+        register_varlen()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    ds_config = helpers.ds_config(1, 1, world, grad_clip=0.0, sp=world)
+    ds_config["bf16"] = {"enabled": cuda}
+    g = torch.Generator().manual_seed(1)
+    docs = [
+        {"input_ids": torch.randint(3, 512, (n,), generator=g).tolist(), "labels": [1] * n}
+        for n in GPU_LENGTHS
+    ]
+    rows = pack_examples(docs, max_length=1024)
+    results = {}
+    for name, extra in GPU_ARCHS.items():
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        cfg = helpers.tiny_config(name, **GPU_SMALL, **extra)
+        unset_hf_deepspeed_config()
+        torch.manual_seed(0)
+        ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa", dtype=dtype)
+        ref.to(info.device).eval()
+        ds_engine.zero_init_context(ds_config)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        _prepare(model, "sdpa")
+        eng = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ds_config)
+        eng.eval()
+        with ds_engine.gathered_params(list(eng.module.parameters())), torch.no_grad():
+            for mine, full in zip(ref.parameters(), eng.module.parameters(), strict=True):
+                mine.copy_(full)
+        sp.install(eng.module, backend)
+        with torch.no_grad(), sp.shard(collate(rows, backend, 0, device=info.device)) as local:
+            logits = gather_seq(eng(**model_inputs(local)).logits, sp.group)[0]  # one flattened row
+        flat, i = 0, 0
+        for row in rows:
+            start = 0
+            for n in doc_lengths(row["position_ids"]):
+                ids = torch.tensor([row["input_ids"][start : start + n]], device=info.device)
+                with torch.no_grad():
+                    alone = ref(input_ids=ids, use_cache=False).logits[0].float()
+                got = logits[flat + start : flat + start + n].float()
+                results[(name, i)] = ((got - alone).norm() / alone.norm()).item()
+                start, i = start + n, i + 1
+            flat += len(row["input_ids"])
+    if info.rank == 0:
+        torch.save({"backend": backend, "errors": results}, out)
+    dist.barrier()
+    ds_engine.exit_now(0)
+
+
 def main(mode: str, out: str) -> None:
+    if mode == "gpu":
+        return gpu_main(out)
     info = ds_engine.init_distributed(timeout_minutes=5)
     world = info.world_size
     sp = SequenceParallel(world, info.rank, world)
