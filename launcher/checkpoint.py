@@ -51,6 +51,7 @@ EXACTNESS_KEYS = (
     "train.min_lr_ratio",
     "train.warmup_steps",
     "train.schedule",
+    "train.router_aux_loss",
     "train.weight_decay",
     "train.adam_beta1",
     "train.adam_beta2",

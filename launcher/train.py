@@ -44,6 +44,7 @@ from launcher.loss import count_targets, target_token_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 from launcher.model.attention import choose_backend
+from launcher.model.moe import router_aux, separately_called_expert_blocks
 
 log = logging.getLogger("launcher")
 
@@ -187,7 +188,9 @@ def train_step(
     sp: SequenceParallel | None = None,
 ) -> dict[str, float]:
     """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens.
-    `loss_fn(engine, batch)` returns (summed loss, target count): `target_token_loss` or its tiled variant.
+    `loss_fn(engine, batch)` returns (summed loss, target count): `target_token_loss` or its tiled variant; for
+    an MoE model also the router's auxiliary term (`launcher.model.moe.RouterAux.wrap`), normalised by the step's
+    real tokens and logged apart as `aux_loss`.
     With sequence parallelism the S ranks of a group hold the same rows and each computes its slice of them."""
     sp = sp or SequenceParallel(1, 0, world)
     n_local = count_targets(my_rows)
@@ -196,29 +199,38 @@ def train_step(
     )
     dist.all_reduce(counts)
     counts /= sp.size  # each row was counted by every rank of its group
-    n_global = counts[:1]
-    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    n_global, n_tokens = counts[:1], counts[1:]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, router auxiliary sum]
     counted = torch.zeros((), dtype=torch.long, device=device)
+    has_aux = False
     for i in range(0, len(my_rows), micro):
-        with sp.shard(collate(my_rows[i : i + micro], attention, pad_id, device=device)) as b:
-            loss_sum, n_targets = loss_fn(eng, b)
+        with sp.shard(collate(my_rows[i : i + micro], attention, pad_id, device, token_mask=True)) as b:
+            loss_sum, n_targets, *aux = loss_fn(eng, b)
             counted += n_targets
             # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum
             # (with SP too: every rank's gradient is its own tokens' part of the sum).
-            ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
+            loss = loss_sum * world / n_global.clamp(min=1).float()
+            if aux:  # token-weighted over the step's real tokens, like the main loss over its targets
+                loss = loss + aux[0].coef * aux[0].sum * world / n_tokens.clamp(min=1).float()
+                totals[1] += aux[0].sum.detach().double()
+                has_aux = True
+            ds_engine.backward(eng, loss)
         eng.step()
-        loss_total += loss_sum.detach().double()
+        totals[0] += loss_sum.detach().double()
     if sp.size > 1:
         dist.all_reduce(counted, group=sp.group)  # the group's slices together hold the rows' targets
     # The normaliser counted what the loss summed. Padding-free batches lay rows end to end, so this also holds
     # the packer to its invariant: every row's first label is -100 (no row is a target of the row before it).
     assert int(counted) == n_local, (int(counted), n_local)
-    dist.all_reduce(loss_total)
-    return {
-        "loss": (loss_total / n_global.clamp(min=1)).item(),
+    dist.all_reduce(totals)
+    out = {
+        "loss": (totals[0] / n_global.clamp(min=1)).item(),
         "trained_tokens": int(counts[0].item()),
         "tokens": int(counts[1].item()),
     }
+    if has_aux:
+        out["aux_loss"] = (totals[1] / n_tokens.clamp(min=1)).item()
+    return out
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -271,6 +283,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ds_config = ds_engine.build_ds_config(cfg.deepspeed, t, world, bf16, sp.size)
     model = build_model(cfg.model, len(tok), attention, dtype, ds_engine.zero_init_context(ds_config))
     sp.install(model, attention)
+    ds_engine.gather_whole(model, separately_called_expert_blocks(model))  # ZeRO-3: MoE never hangs
     if t.tiled_mlp:
         say(rank, f"tiled MLP in {install_tiled_mlp(model)} layers")
     for note in getattr(model, "load_notes", []):
@@ -290,6 +303,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tiled = use_tiled_loss(t.tiled_loss, model.config)
     loss_fn = tiled_target_token_loss if tiled else target_token_loss
     say(rank, f"loss: {'tiled' if tiled else 'untiled'} LM head (train.tiled_loss={t.tiled_loss})")
+    aux = router_aux(model, t.router_aux_loss, sp.group)  # an MoE router's auxiliary loss, or None
+    train_loss_fn = aux.wrap(loss_fn) if aux else loss_fn
+    if aux:
+        say(rank, aux.describe())
     optimizer, scheduler_factory = build_optimizer(model, t)
     eng = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config)
     scheduler = eng.lr_scheduler
@@ -333,7 +350,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     while state.step < t.max_steps:
         my_rows = [data.train_rows[i] for i in next(steps)]
         t_step = time.time()
-        out = train_step(eng, my_rows, t.micro_batch_size, attention, device, pad_id, world, loss_fn, sp)
+        out = train_step(
+            eng, my_rows, t.micro_batch_size, attention, device, pad_id, world, train_loss_fn, sp
+        )
         state.advance(out)
         step, dt = state.step, time.time() - t_step
 
@@ -345,6 +364,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             flops /= sp.size  # the ranks of a sequence-parallel group hold the same rows
             metrics = {
                 "loss": out["loss"],
+                **({"aux_loss": out["aux_loss"]} if "aux_loss" in out else {}),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(eng.get_global_grad_norm() or 0.0),
                 "tokens_per_s": out["tokens"] / dt,

@@ -1,0 +1,318 @@
+"""torchrun worker for tests/test_moe.py: MoE models under real 2-rank ZeRO-3 (gloo), every weight partitioned.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe_worker.py all OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe_worker.py modulelist-no-leaf OUT_DIR
+
+`all` runs, in one process: the router's auxiliary loss through `train_step` (2 micro-batches of 2 padded rows
+per rank; data parallel, then sequence parallel) against a plain single-process reference built from
+transformers' own `load_balancing_loss_func` over the documents run one by one; disjoint routing (rank 0's
+tokens all go to expert 0, rank 1's to experts 1-3) with transformers 5's fused experts and no leaf modules, and
+with transformers 4's layout (an `nn.ModuleList` of experts) gathered whole by `engine.gather_whole`; the export
+of each MoE family reloaded by `from_pretrained`. Rank 0 writes `OUT_DIR/results.pt`.
+`modulelist-no-leaf` is the ModuleList layout without leaf modules: expected to stop in a collective.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from launcher import engine as ds_engine
+from launcher.data import pack_examples
+from launcher.export import export_hf, verify_export
+from launcher.long_context.sequence_parallel import SequenceParallel
+from launcher.loss import target_token_loss
+from launcher.model import load_model
+from launcher.model.moe import MOE_FAMILIES, router_aux, separately_called_expert_blocks
+from launcher.train import train_step
+from tests.helpers import TINY_MOE, tiny_moe_config
+
+CPU = torch.device("cpu")
+
+
+class _Tok:
+    """What export_hf asks of a tokenizer (the export check compares logits, not text)."""
+
+    def save_pretrained(self, out_dir):
+        return None
+
+
+def ds_config(world: int, global_batch: int, micro: int, sp: int = 1, leaf: bool = True) -> dict:
+    train_cfg = OmegaConf.create(
+        {"global_batch_size": global_batch, "micro_batch_size": micro, "grad_clip": 1e6}
+    )
+    ds_cfg = OmegaConf.create(
+        {
+            "stage": 3,
+            "offload_optimizer": False,
+            "offload_params": False,
+            "config_file": None,
+            "overlap_comm": False,
+        }
+    )
+    config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False, sp_size=sp)
+    # Partition every parameter, however small (DeepSpeed keeps small ones whole on every rank by default).
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if not leaf:  # DeepSpeed's own default marks Mixtral / Qwen2-MoE / Qwen3-MoE blocks as leaves
+        config["zero_optimization"]["leaf_module"] = {"classes": []}
+    return config
+
+
+def documents(seed: int, lengths: tuple[int, ...]) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        ids = torch.randint(3, 128, (n,), generator=g).tolist()
+        docs.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return docs
+
+
+def rank_rows(rank: int) -> list[dict]:
+    """4 packed rows, documents of 3 to 11 tokens: the second micro-batch of 2 rows is padded (17 and 15 tokens),
+    and under sequence parallelism of 2 its 17 positions get one more of padding."""
+    lengths = [(3 + (5 * i + 3 * rank) % 9) for i in range(10)]
+    rows = pack_examples(documents(10 + rank, tuple(lengths)), max_length=17)
+    assert [len(r["input_ids"]) for r in rows[:4]] == [17, 17, 17, 15], rows
+    return rows[:4]
+
+
+def saved_model(model_type: str, root: Path, **overrides) -> str:
+    """A tiny random checkpoint (rank 0 writes, every rank reads)."""
+    path = root / "models" / model_type
+    if dist.get_rank() == 0 and not path.exists():
+        torch.manual_seed(0)
+        config = tiny_moe_config(model_type, **overrides)
+        with ds_engine.local_construction():  # whole, on rank 0 alone (not under ZeRO-3's zero.Init)
+            AutoModelForCausalLM.from_config(config, attn_implementation="eager").save_pretrained(path)
+    dist.barrier()
+    return str(path)
+
+
+# ---- the router's auxiliary loss under ZeRO-3 ----
+
+
+def reference(path: str, rows_by_rank: list[list[dict]], micro: int) -> dict[str, float]:
+    """The step's objective on one process, from transformers' own pieces: sum of token losses / targets, plus
+    coef x (sum over micro-batches of real tokens x load_balancing_loss_func over the micro-batch's documents run
+    one by one) / real tokens. Returns its aux part and the gradient norm of the whole."""
+    with ds_engine.local_construction():
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()  # as the engine runs (no dropout in these configs either way)
+    lb = sys.modules[type(model).__module__].load_balancing_loss_func
+    coef, experts, top_k = model.config.router_aux_loss_coef, model.num_experts, model.num_experts_per_tok
+    batches = [rows[i : i + micro] for rows in rows_by_rank for i in range(0, len(rows), micro)]
+    n_targets = sum(sum(t != -100 for t in r["labels"][1:]) for b in batches for r in b)
+    n_tokens = sum(len(r["input_ids"]) for b in batches for r in b)
+    loss, aux_weighted = 0.0, 0.0
+    for rows in batches:
+        per_layer, tokens = None, 0
+        for row in rows:
+            starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+            for a, b in zip(starts, starts[1:]):
+                ids = torch.tensor([row["input_ids"][a:b]])
+                labels = torch.tensor([row["labels"][a:b]])
+                out = model(input_ids=ids, output_router_logits=True)
+                targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+                loss = loss + F.cross_entropy(
+                    out.logits[0].float(), targets[0], ignore_index=-100, reduction="sum"
+                )
+                logits = [x.reshape(-1, x.shape[-1]) for x in out.router_logits]
+                per_layer = logits if per_layer is None else [torch.cat(p) for p in zip(per_layer, logits)]
+                tokens += b - a
+        aux_weighted = aux_weighted + tokens * lb(tuple(per_layer), experts, top_k)
+    objective = loss / n_targets + coef * aux_weighted / n_tokens
+    objective.backward()
+    norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
+    return {"aux_loss": float(aux_weighted / n_tokens), "grad_norm": norm, "loss": float(loss / n_targets)}
+
+
+def aux_case(model_type: str, root: Path, world: int, sp_size: int) -> dict[str, float]:
+    """One step of `train_step` with the auxiliary loss on (the model's config asks for it), on 2 ranks."""
+    path = saved_model(model_type, root, output_router_logits=True)
+    micro, sp = 2, SequenceParallel(sp_size, dist.get_rank(), world)
+    config = ds_config(world, 2 * micro * sp.dp_world, micro, sp_size)
+    ds_engine.zero_init_context(config)
+    model = load_model(path, "sdpa", torch.float32, init_context=ds_engine.zero_init_context(config))
+    sp.install(model, "sdpa")
+    aux = router_aux(model, "auto", sp.group)
+    assert aux is not None and aux.coef == model.config.router_aux_loss_coef
+    eng = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=0.0), None, config)
+    assert eng.zero_optimization_partition_weights()
+    rows = rank_rows(sp.dp_rank)
+    got = train_step(eng, rows, micro, "sdpa", CPU, 0, world, aux.wrap(target_token_loss), sp)
+    got["grad_norm"] = float(eng.get_global_grad_norm())
+    ref = reference(path, [rank_rows(r) for r in range(sp.dp_world)], micro) if dist.get_rank() == 0 else {}
+    leaves = sum(getattr(m, "_z3_leaf", False) for m in eng.module.modules())
+    return {
+        **{f"got_{k}": v for k, v in got.items()},
+        **{f"ref_{k}": v for k, v in ref.items()},
+        "leaves": leaves,
+    }
+
+
+# ---- disjoint routing ----
+
+ROUTE = 10.0  # embedding feature size that decides each token's expert
+
+
+def expert_of(token: int) -> int:
+    """Rank 0's tokens (ids < 64) go to expert 0; rank 1's to experts 1, 2, 3."""
+    return 0 if token < 64 else 1 + token % 3
+
+
+def force_routing(model: torch.nn.Module, gates: list[torch.nn.Module]) -> None:
+    """Token t's embedding carries a large feature in dimension expert_of(t); each router reads those 4 dims, so
+    every layer sends t to expert_of(t) alone (top-1) whatever attention adds."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, :4] = 0
+        for t in range(emb.shape[0]):
+            emb[t, expert_of(t)] = ROUTE
+        for gate in gates:
+            gate.weight.zero_()
+            gate.weight[:, :4] = torch.eye(4) * ROUTE
+
+
+class ModuleListMoeBlock(torch.nn.Module):
+    """transformers 4.57's Qwen3MoeSparseMoeBlock (and most remote-code MoE blocks): experts are separate modules,
+    each run only for the tokens routed to it."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
+
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.gate = torch.nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = torch.nn.ModuleList(
+            [
+                Qwen3MoeMLP(config, intermediate_size=config.moe_intermediate_size)
+                for _ in range(config.num_experts)
+            ]
+        )
+
+    def forward(self, hidden_states):
+        b, t, h = hidden_states.shape
+        x = hidden_states.view(-1, h)
+        weights, picked = torch.topk(F.softmax(self.gate(x), dim=1, dtype=torch.float), self.top_k, dim=-1)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(picked, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            idx, top_x = torch.where(mask[e].squeeze(0))
+            out.index_add_(0, top_x, self.experts[e](x[top_x]) * weights[top_x, idx, None])
+        return out.reshape(b, t, h)
+
+
+def routing_model(layout: str) -> tuple[torch.nn.Module, list[list[int]]]:
+    """Tiny Qwen3-MoE (top-1 of 4 experts) with forced routing; `layout` fused (transformers 5) or modulelist."""
+    torch.manual_seed(0)
+    config = tiny_moe_config("qwen3_moe", vocab_size=128, num_experts_per_tok=1)
+    with ds_engine.local_construction():  # every rank builds it whole; initialize partitions it
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    if layout == "modulelist":
+        for layer in model.model.layers:
+            layer.mlp = ModuleListMoeBlock(config)
+    force_routing(model, [layer.mlp.gate for layer in model.model.layers])
+    seen: list[list[int]] = []
+
+    def record(_m, _i, out):
+        logits = out[0] if isinstance(out, tuple) else out
+        seen.append(sorted(set(logits.argmax(-1).flatten().tolist())))
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(record)
+    return model, seen
+
+
+def routing_rows(rank: int) -> list[dict]:
+    lo = 1 if rank == 0 else 64
+    ids = list(range(lo, lo + 30))
+    return pack_examples([{"input_ids": ids, "labels": ids}], max_length=32)
+
+
+def routing_case(layout: str, leaf: bool, world: int, steps: int = 2) -> dict:
+    model, seen = routing_model(layout)
+    leaves = separately_called_expert_blocks(model) if leaf else []
+    ds_engine.gather_whole(model, leaves)
+    config = ds_config(world, world, 1, leaf=leaf)
+    eng = ds_engine.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), None, config)
+    losses = []
+    for step in range(steps):
+        print(f"rank {dist.get_rank()} {layout} leaf={leaf} step {step} starts", flush=True)
+        losses.append(train_step(eng, routing_rows(dist.get_rank()), 1, "sdpa", CPU, 0, world)["loss"])
+    experts = sorted({e for s in seen for e in s})
+    everyone = [None] * world
+    dist.all_gather_object(everyone, experts)
+    return {"losses": losses, "experts_by_rank": everyone, "leaf_classes": leaves}
+
+
+# ---- export ----
+
+
+def export_case(model_type: str, root: Path, world: int) -> dict:
+    """One step, then export_hf + verify_export (reload with from_pretrained in transformers' layout)."""
+    asks = MOE_FAMILIES[model_type].aux_loss is not None
+    path = saved_model(model_type, root, output_router_logits=asks)
+    config = ds_config(world, world, 1)
+    model = load_model(path, "eager", torch.float32, init_context=ds_engine.zero_init_context(config))
+    aux = router_aux(model, "auto")
+    loss_fn = aux.wrap(target_token_loss) if aux else target_token_loss
+    eng = ds_engine.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), None, config)
+    rows = rank_rows(dist.get_rank())[:1]
+    got = train_step(eng, rows, 1, "eager", CPU, 0, world, loss_fn)
+    out_dir = root / "export" / model_type
+    export_hf(eng, _Tok(), out_dir)
+    check = verify_export(eng, out_dir, rank_rows(0)[0], "eager", 1e-4)
+    saved = {}
+    if dist.get_rank() == 0:
+        import json
+
+        saved = json.loads((out_dir / "config.json").read_text())
+    return {
+        **check,
+        "aux_loss": got.get("aux_loss"),
+        "output_router_logits": saved.get("output_router_logits"),
+    }
+
+
+def main(mode: str, out: str) -> None:
+    root = Path(out)
+    info = ds_engine.init_distributed(timeout_minutes=0.5 if mode == "modulelist-no-leaf" else 2)
+    world = info.world_size
+    if mode == "modulelist-no-leaf":
+        routing_case("modulelist", leaf=False, world=world)
+        print("modulelist-no-leaf finished", flush=True)
+        ds_engine.exit_now(0)
+    results: dict = {"aux": {}, "routing": {}, "export": {}, "seconds": {}}
+    for model_type, sp in (("qwen3_moe", 1), ("olmoe", 1), ("qwen3_moe", 2)):
+        t0 = time.time()
+        results["aux"][f"{model_type}_sp{sp}"] = aux_case(model_type, root, world, sp)
+        results["seconds"][f"aux_{model_type}_sp{sp}"] = time.time() - t0
+    for layout in ("fused", "modulelist"):
+        t0 = time.time()
+        results["routing"][layout] = routing_case(layout, leaf=layout == "modulelist", world=world)
+        results["seconds"][f"routing_{layout}"] = time.time() - t0
+    for model_type in TINY_MOE:
+        if model_type == "gpt_oss":  # sinks: the export check reloads with sdpa, which gpt-oss refuses
+            continue
+        t0 = time.time()
+        results["export"][model_type] = export_case(model_type, root, world)
+        results["seconds"][f"export_{model_type}"] = time.time() - t0
+    if info.rank == 0:
+        torch.save(results, root / "results.pt")
+    dist.barrier()
+    ds_engine.exit_now(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
