@@ -188,7 +188,8 @@ def test_token_mask_is_loss_only():
 def test_moe_table_matches_transformers(model_type):
     """Each row of the MoE table says what transformers 5.23's code does: the block class is the model's MoE
     block (what ZeRO-3 may gather whole), an auxiliary loss is claimed exactly where the family's modeling module
-    has transformers' load_balancing_loss_func and its config the coefficient, no family has a router z-loss."""
+    has transformers' load_balancing_loss_func and its config the coefficient, no family has a router z-loss,
+    and "balanced by a bias" exactly where a correction-bias buffer is all there is."""
     config = tiny_moe_config(model_type)
     family = moe_family(config)
     with torch.device("meta"):
@@ -200,6 +201,8 @@ def test_moe_table_matches_transformers(model_type):
         assert isinstance(getattr(config, family.coef_key), float)
         assert router_recorder(model) is not None
     assert family.z_loss_coef_key is None and not any("z_loss" in k for k in config.to_dict())
+    biased = any(n.endswith("e_score_correction_bias") for n, _ in model.named_buffers())
+    assert family.bias_balanced == (biased and family.aux_loss is None)
 
 
 # ---- sft plan: total and active parameters ----
@@ -361,13 +364,15 @@ def test_zero3_moe_export_reloads_with_the_engines_logits(dist_results):
 
 @pytest.mark.slow
 def test_zero3_modulelist_experts_without_leaf_modules_do_not_finish(tmp_path):
-    """The failure gather_whole prevents: transformers 4's ModuleList experts, ranks routed to different
-    experts, no leaf modules: the ranks issue different parameter gathers and stop in a collective (gloo's
-    30 s timeout here) instead of training."""
+    """The failure gather_whole prevents: transformers 4's ModuleList experts, rank 0's tokens on expert 0 and rank
+    1's on experts 1-3, no leaf modules: the ranks gather different experts' parameters, so their collectives no
+    longer pair up. gloo notices the sizes differ and aborts in step 0 (NCCL, which does not check, waits
+    forever); the worker's 30 s collective timeout bounds the case where sizes happen to agree."""
     proc = torchrun(
         ["tests/workers/moe_worker.py", "modulelist-no-leaf", str(tmp_path)], 2, ROOT, timeout=240,
         env={"PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert proc.returncode != 0
+    assert proc.stdout.count("leaf=False step 0 starts") == 2 and "step 1 starts" not in proc.stdout
     assert "modulelist-no-leaf finished" not in proc.stdout
-    assert "Timed out" in proc.stderr or "timed out" in proc.stderr.lower(), proc.stderr[-3000:]
+    assert "collective mismatch" in proc.stderr or "Timed out" in proc.stderr, proc.stderr[-3000:]

@@ -59,6 +59,8 @@ class MoeFamily:
     """Config key of the auxiliary loss coefficient."""
     z_loss_coef_key: str | None = None
     """Config key of a router z-loss coefficient (no family below has one in transformers 5.23)."""
+    bias_balanced: bool = False
+    """Balanced without an auxiliary loss, by a per-expert bias on the top-k choice (DeepSeek-V3's scheme)."""
     note: str = ""
 
 
@@ -110,6 +112,7 @@ MOE_FAMILIES: dict[str, MoeFamily] = {
     "deepseek_v3": MoeFamily(
         "DeepseekV3MoE",
         None,
+        bias_balanced=True,
         note="auxiliary-loss-free balancing: a per-expert bias (e_score_correction_bias, a buffer) steers top-k "
         "choice and its pretraining updated it by load after each step; transformers adds no loss and never "
         "updates it, so in SFT the bias stays as loaded and nothing balances the experts",
@@ -117,6 +120,7 @@ MOE_FAMILIES: dict[str, MoeFamily] = {
     "glm4_moe": MoeFamily(
         "Glm4MoeMoE",
         None,
+        bias_balanced=True,
         note="auxiliary-loss-free balancing with a frozen correction bias, as DeepSeek-V3",
     ),
     "llama4_text": MoeFamily(
@@ -126,6 +130,18 @@ MOE_FAMILIES: dict[str, MoeFamily] = {
         "(sigmoid top-1 router plus a shared expert): nothing is added",
     ),
 }
+
+
+def moe_cell(model_type: str) -> str:
+    """The support table's MoE column (`launcher.model.families` reads it): the auxiliary loss and its coefficient
+    key, or why a family has none; `dense` outside the table."""
+    family = MOE_FAMILIES.get(model_type)
+    if family is None:
+        return "dense"
+    if family.aux_loss is None:
+        return "none (aux-loss-free bias)" if family.bias_balanced else "none in transformers"
+    keys = [k for k in (family.coef_key, family.z_loss_coef_key) if k]
+    return f"load balancing ({', '.join(keys)})"
 
 
 def _text(config: Any) -> Any:
