@@ -325,12 +325,16 @@ def dist_results(tmp_path_factory):
 def test_zero3_router_aux_loss_equals_the_reference(dist_results):
     """2 ranks x 2 micro-batches of 2 padded rows, every weight partitioned: the logged aux_loss is the
     token-weighted mean of transformers' own loss per micro-batch over its documents run one by one, and the
-    gradient norm equals a single-process reference of the whole objective (token losses / targets + coef x
-    aux). Qwen3-MoE (a ZeRO-3 leaf block by DeepSpeed's default) and OLMoE (not), data then sequence parallel."""
+    gradient norm and each router's gradient equal a single-process reference of the whole objective (token
+    losses / targets + coef x aux). Qwen3-MoE (a ZeRO-3 leaf block by DeepSpeed's default) and OLMoE (not), data
+    then sequence parallel (the second micro-batch padded by the collator, then by SP)."""
     for case, r in dist_results["aux"].items():
         assert abs(r["got_aux_loss"] - r["ref_aux_loss"]) <= 1e-5 * r["ref_aux_loss"], (case, r)
         assert abs(r["got_loss"] - r["ref_loss"]) <= 1e-5 * r["ref_loss"], (case, r)
         assert abs(r["got_grad_norm"] - r["ref_grad_norm"]) <= 1e-4 * r["ref_grad_norm"], (case, r)
+        assert len(r["got_router_grads"]) == len(r["ref_router_grads"]) == 2
+        for got, ref in zip(r["got_router_grads"], r["ref_router_grads"], strict=True):
+            assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (case, got, ref)
     assert (
         dist_results["aux"]["qwen3_moe_sp1"]["leaves"] == 2
         and dist_results["aux"]["olmoe_sp1"]["leaves"] == 0

@@ -83,9 +83,9 @@ def rank_rows(rank: int) -> list[dict]:
     return rows[:4]
 
 
-def saved_model(model_type: str, root: Path, **overrides) -> str:
+def saved_model(model_type: str, root: Path, name: str = "", **overrides) -> str:
     """A tiny random checkpoint (rank 0 writes, every rank reads)."""
-    path = root / "models" / model_type
+    path = root / "models" / (name or model_type)
     if dist.get_rank() == 0 and not path.exists():
         torch.manual_seed(0)
         config = tiny_moe_config(model_type, **overrides)
@@ -101,7 +101,7 @@ def saved_model(model_type: str, root: Path, **overrides) -> str:
 def reference(path: str, rows_by_rank: list[list[dict]], micro: int) -> dict[str, float]:
     """The step's objective on one process, from transformers' own pieces: sum of token losses / targets, plus
     coef x (sum over micro-batches of real tokens x load_balancing_loss_func over the micro-batch's documents run
-    one by one) / real tokens. Returns its aux part and the gradient norm of the whole."""
+    one by one) / real tokens. Returns its aux part, the gradient norm of the whole and the routers' gradients."""
     with ds_engine.local_construction():
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     model.config.use_cache = False
@@ -131,24 +131,39 @@ def reference(path: str, rows_by_rank: list[list[dict]], micro: int) -> dict[str
     objective = loss / n_targets + coef * aux_weighted / n_tokens
     objective.backward()
     norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
-    return {"aux_loss": float(aux_weighted / n_tokens), "grad_norm": norm, "loss": float(loss / n_targets)}
+    routers = [m.weight.grad.clone() for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    return {
+        "aux_loss": float(aux_weighted / n_tokens),
+        "grad_norm": norm,
+        "loss": float(loss / n_targets),
+        "router_grads": routers,
+    }
 
 
-def aux_case(model_type: str, root: Path, world: int, sp_size: int) -> dict[str, float]:
-    """One step of `train_step` with the auxiliary loss on (the model's config asks for it), on 2 ranks."""
-    path = saved_model(model_type, root, output_router_logits=True)
+def aux_case(model_type: str, root: Path, world: int, sp_size: int) -> dict:
+    """One step of `train_step` with the auxiliary loss on (the model's config asks for it, with a coefficient of
+    0.1 so that its share of the routers' gradients is far above rounding), on 2 ranks. Plain SGD with lr 1 and no
+    clipping: each router's update is its gradient."""
+    path = saved_model(
+        model_type, root, f"{model_type}_aux", output_router_logits=True, router_aux_loss_coef=0.1
+    )
     micro, sp = 2, SequenceParallel(sp_size, dist.get_rank(), world)
     config = ds_config(world, 2 * micro * sp.dp_world, micro, sp_size)
-    ds_engine.zero_init_context(config)
     model = load_model(path, "sdpa", torch.float32, init_context=ds_engine.zero_init_context(config))
     sp.install(model, "sdpa")
     aux = router_aux(model, "auto", sp.group)
-    assert aux is not None and aux.coef == model.config.router_aux_loss_coef
-    eng = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=0.0), None, config)
+    assert aux is not None and aux.coef == model.config.router_aux_loss_coef == 0.1
+    routers = [m.weight for m in model.modules() if isinstance(m, aux.router_cls)]
+    eng = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=1.0), None, config)
     assert eng.zero_optimization_partition_weights()
-    rows = rank_rows(sp.dp_rank)
-    got = train_step(eng, rows, micro, "sdpa", CPU, 0, world, aux.wrap(target_token_loss), sp)
+    with ds_engine.gathered_params(routers):
+        before = [w.detach().clone() for w in routers]
+    got = train_step(
+        eng, rank_rows(sp.dp_rank), micro, "sdpa", CPU, 0, world, aux.wrap(target_token_loss), sp
+    )
     got["grad_norm"] = float(eng.get_global_grad_norm())
+    with ds_engine.gathered_params(routers):
+        got["router_grads"] = [b - w.detach() for b, w in zip(before, routers, strict=True)]
     ref = reference(path, [rank_rows(r) for r in range(sp.dp_world)], micro) if dist.get_rank() == 0 else {}
     leaves = sum(getattr(m, "_z3_leaf", False) for m in eng.module.modules())
     return {
