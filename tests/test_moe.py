@@ -5,7 +5,6 @@ the export; `sft plan`'s total and active parameters. Tiny random models from tr
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import pytest
@@ -25,10 +24,10 @@ from launcher.model.moe import (
     moe_blocks,
     moe_family,
     router_aux,
+    router_aux_decision,
     router_recorder,
 )
-from tests.conftest import ROOT, torchrun
-from tests.helpers import TINY_MOE, tiny_moe_config
+from tests.helpers import ROOT, TINY_MOE, tiny_moe_config, torchrun, worker
 
 AUX_FAMILIES = [t for t in TINY_MOE if MOE_FAMILIES[t].aux_loss == LOAD_BALANCING]
 
@@ -137,10 +136,11 @@ def test_router_aux_gradient_and_checkpointing_and_tiled_loss(moe_dirs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_router_aux_setting(moe_dirs, tmp_path, caplog):
+def test_router_aux_setting(moe_dirs, tmp_path):
     """train.router_aux_loss: auto follows the config's output_router_logits; true turns it on with the config's
     coefficient; false off; a family without one (DeepSeek-V3) adds nothing on auto (with a warning) and refuses
-    true; a model type outside the table refuses a request in one line; a dense model is unaffected."""
+    true; a model type outside the table refuses a request in one line; a dense model is unaffected; what was
+    decided is said in one line."""
     qwen = load_model(str(moe_dirs["qwen3_moe"]), "sdpa")
     assert router_aux(qwen, "auto") is not None and router_aux(qwen, "false") is None
     quiet = tiny_moe_config("qwen3_moe")  # output_router_logits=False, as released checkpoints ship
@@ -150,11 +150,13 @@ def test_router_aux_setting(moe_dirs, tmp_path, caplog):
     assert router_aux(quiet_model, "true").coef == quiet.router_aux_loss_coef
 
     deepseek = load_model(str(moe_dirs["deepseek_v3"]), "sdpa")
-    with caplog.at_level(logging.WARNING):
-        assert router_aux(deepseek, "auto") is None
-    assert "adds nothing" in caplog.text
+    assert router_aux(deepseek, "auto") is None
+    added, why = router_aux_decision("auto", deepseek.config, asked=True)
+    assert not added and why.startswith("none for deepseek_v3: auxiliary-loss-free")
     with pytest.raises(ValueError, match="deepseek_v3 has no router auxiliary loss"):
         router_aux(deepseek, "true")
+    added, why = router_aux_decision("auto", quiet)
+    assert not added and "does not set output_router_logits" in why
 
     outside = AutoConfig.for_model(
         "granitemoe", vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
@@ -168,6 +170,29 @@ def test_router_aux_setting(moe_dirs, tmp_path, caplog):
                                  num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
     AutoModelForCausalLM.from_config(dense).save_pretrained(tmp_path / "dense")
     assert router_aux(load_model(str(tmp_path / "dense"), "sdpa"), "auto") is None
+
+
+def test_preflight_refuses_an_unknown_moe_asking_for_router_logits():
+    """Before any rank starts (the launcher's preflight and `sft check` decide as the run does): a model type
+    outside the MoE table whose config asks for router logits is refused in one line, naming the way out."""
+    from launcher.config import compose
+    from launcher.errors import UserError
+    from launcher.launch.preflight import check_model_config
+
+    init = (
+        "{model_type: granitemoe, vocab_size: 128, hidden_size: 32, intermediate_size: 16, num_hidden_layers: 1, "
+        "num_attention_heads: 4, num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2, "
+        "output_router_logits: true}"
+    )
+    tokenizer = ROOT / "launcher" / "assets" / "tokenizer"
+    cfg = compose(cfg_overrides(init, tokenizer))
+    with pytest.raises(UserError, match="granitemoe is not in the MoE table.*train.router_aux_loss=false"):
+        check_model_config(cfg, "cpu")
+    check_model_config(compose([*cfg_overrides(init, tokenizer), "train.router_aux_loss=false"]), "cpu")
+
+
+def cfg_overrides(init: str, tokenizer) -> list[str]:
+    return ["model.name_or_path=null", f"+model.init={init}", f"model.tokenizer={tokenizer}"]
 
 
 def test_token_mask_is_loss_only():
@@ -314,9 +339,7 @@ def test_plan_active_parameters_of_shared_experts_and_dense_layers():
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_dist")
-    proc = torchrun(
-        ["tests/workers/moe_worker.py", "all", str(out)], 2, ROOT, timeout=600, env={"PYTHONPATH": str(ROOT)}
-    )
+    proc = torchrun([worker("moe.py"), "all", str(out)], 2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return torch.load(out / "results.pt")
 
@@ -372,10 +395,7 @@ def test_zero3_modulelist_experts_without_leaf_modules_do_not_finish(tmp_path):
     1's on experts 1-3, no leaf modules: the ranks gather different experts' parameters, so their collectives no
     longer pair up. gloo notices the sizes differ and aborts in step 0 (NCCL, which does not check, waits
     forever); the worker's 30 s collective timeout bounds the case where sizes happen to agree."""
-    proc = torchrun(
-        ["tests/workers/moe_worker.py", "modulelist-no-leaf", str(tmp_path)], 2, ROOT, timeout=240,
-        env={"PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    proc = torchrun([worker("moe.py"), "modulelist-no-leaf", str(tmp_path)], 2, timeout=240)
     assert proc.returncode != 0
     assert proc.stdout.count("leaf=False step 0 starts") == 2 and "step 1 starts" not in proc.stdout
     assert "modulelist-no-leaf finished" not in proc.stdout

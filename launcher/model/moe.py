@@ -261,26 +261,22 @@ def load_balancing_sum(
 class RouterAux:
     """Records the routers' logits during a forward and turns them into the micro-batch's auxiliary term."""
 
-    def __init__(self, model: torch.nn.Module, family: MoeFamily, coef: float, group: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, group: Any = None) -> None:
+        family = moe_family(model.config)
+        assert family is not None and family.aux_loss == LOAD_BALANCING, type(model).__name__
         recorder = router_recorder(model)
         assert recorder is not None, f"{type(model).__name__}: no router logits recorded by transformers"
         self.router_cls, self.index = recorder
         text = _text(model.config)
         self.num_experts = _first(text, "num_experts", "num_local_experts", "n_routed_experts")
         self.top_k = text.num_experts_per_tok
-        self.family, self.coef, self.group = family, coef, group
-
-    def describe(self) -> str:
-        return (
-            f"router auxiliary loss: {self.family.aux_loss} x {self.coef} ({self.family.coef_key}), "
-            f"{self.top_k} of {self.num_experts} experts, over the real tokens of each micro-batch (logged as "
-            "aux_loss)"
-        )
+        self.coef = float(getattr(text, family.coef_key))
+        self.family, self.group = family, group
 
     @contextlib.contextmanager
     def capture(self, model: Any) -> Iterator[list[torch.Tensor]]:
-        """The router logits of every forward run inside (forward hooks, removed on exit: a checkpointed
-        layer's recompute during backward is not recorded twice)."""
+        """The router logits of every forward run inside (forward hooks, removed on exit, so an activation-
+        checkpoint recompute during backward adds nothing)."""
         inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
         found: list[torch.Tensor] = []
         hooks = [
@@ -323,46 +319,57 @@ def _first(config: Any, *keys: str) -> int:
     raise AssertionError(f"{type(config).__name__} has none of {keys}")
 
 
-def router_aux_problem(config: Any, setting: str, asked: bool) -> str | None:
-    """Why `train.router_aux_loss=<setting>` cannot be honoured for this model, or None."""
+def asks_for_router_logits(config: Any) -> bool:
+    """The model's config sets output_router_logits (transformers then adds the auxiliary loss)."""
+    return any(getattr(c, "output_router_logits", False) for c in (config, _text(config)))
+
+
+def router_aux_decision(setting: str, config: Any, asked: bool | None = None) -> tuple[bool, str | None]:
+    """Whether `train.router_aux_loss=<setting>` adds the router's auxiliary loss to this model's training loss,
+    and the line that says so (None for a model outside the MoE table that asks for nothing). `auto` adds it when
+    the config asks for router logits (`output_router_logits`), as transformers does; `asked` overrides the
+    config's own flag (a loaded model's, which `prepare` turned off). ValueError (one line) when a request
+    cannot be honoured."""
     setting = str(setting).lower()
-    wanted = setting == "true" or (setting == "auto" and asked)
-    if not wanted:
-        return None
+    asked = asks_for_router_logits(config) if asked is None else asked
     text = _text(config)
+    model_type = getattr(text, "model_type", "this model")
     family = moe_family(config)
-    why = "train.router_aux_loss=true" if setting == "true" else "the model's config asks for router logits"
+    wanted = setting == "true" or (setting == "auto" and asked)
     if family is None:
-        return (
-            f"{why} (output_router_logits), but {getattr(text, 'model_type', 'this model')} is not in the MoE "
-            "table (launcher/model/moe.py), so its auxiliary loss is unknown: set train.router_aux_loss=false "
-            "to train without it"
+        if wanted:
+            why = (
+                "train.router_aux_loss=true"
+                if setting == "true"
+                else "the model's config sets output_router_logits"
+            )
+            raise ValueError(
+                f"{why}, but {model_type} is not in the MoE table (launcher/model/moe.py), so its router's "
+                "auxiliary loss is unknown: set train.router_aux_loss=false to train without it"
+            )
+        return False, None
+    if family.aux_loss is None:
+        if setting == "true":
+            raise ValueError(
+                f"train.router_aux_loss=true, but {model_type} has no router auxiliary loss: {family.note}"
+            )
+        return False, f"none for {model_type}: {family.note}"
+    if not wanted:
+        return False, (
+            f"off (train.router_aux_loss={setting}"
+            + (", and the model's config does not set output_router_logits" if setting == "auto" else "")
+            + "): nothing balances the experts"
         )
-    if family.aux_loss is None and setting == "true":
-        return (
-            f"train.router_aux_loss=true, but {text.model_type} has no router auxiliary loss: {family.note}"
-        )
-    return None
+    coef = float(getattr(text, family.coef_key))
+    return True, (
+        f"{coef} x load balancing ({family.coef_key}) over the real tokens of each micro-batch, logged as aux_loss"
+    )
 
 
 def router_aux(model: torch.nn.Module, setting: str, group: Any = None) -> RouterAux | None:
-    """The auxiliary loss to add for `train.router_aux_loss` (auto: as the model's config asks with
-    `output_router_logits`; true; false), or None. Raises ValueError when it cannot be honoured."""
-    asked = getattr(model, "sft_output_router_logits", False)
-    problem = router_aux_problem(model.config, setting, asked)
-    if problem:
-        raise ValueError(problem)
-    family = moe_family(model.config)
-    setting = str(setting).lower()
-    if family is None or setting == "false" or (setting == "auto" and not asked):
-        return None
-    if family.aux_loss is None:  # auto, and the config asks for router logits: nothing to add, say so once
-        log.warning(
-            "%s: output_router_logits=true adds nothing: %s", _text(model.config).model_type, family.note
-        )
-        return None
-    coef = float(getattr(_text(model.config), family.coef_key))
-    return RouterAux(model, family, coef, group)
+    """The auxiliary loss a loaded model trains with for `train.router_aux_loss=<setting>`, or None."""
+    add, _ = router_aux_decision(setting, model.config, getattr(model, "sft_output_router_logits", False))
+    return RouterAux(model, group) if add else None
 
 
 # ---- parameters ----

@@ -1,7 +1,7 @@
 """torchrun worker for tests/test_moe.py: MoE models under real 2-rank ZeRO-3 (gloo), every weight partitioned.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe_worker.py all OUT_DIR
-    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe_worker.py modulelist-no-leaf OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe.py all OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe.py modulelist-no-leaf OUT_DIR
 
 `all` runs, in one process: the router's auxiliary loss through `train_step` (2 micro-batches of 2 padded rows
 per rank; data parallel, then sequence parallel) against a plain single-process reference built from
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from launcher import engine as ds_engine
@@ -32,7 +31,7 @@ from launcher.loss import target_token_loss
 from launcher.model import load_model
 from launcher.model.moe import MOE_FAMILIES, router_aux, separately_called_expert_blocks
 from launcher.train import train_step
-from tests.helpers import TINY_MOE, tiny_moe_config
+from tests.helpers import TINY_MOE, ds_config, tiny_moe_config
 
 CPU = torch.device("cpu")
 
@@ -44,21 +43,10 @@ class _Tok:
         return None
 
 
-def ds_config(world: int, global_batch: int, micro: int, sp: int = 1, leaf: bool = True) -> dict:
-    train_cfg = OmegaConf.create(
-        {"global_batch_size": global_batch, "micro_batch_size": micro, "grad_clip": 1e6}
-    )
-    ds_cfg = OmegaConf.create(
-        {
-            "stage": 3,
-            "offload_optimizer": False,
-            "offload_params": False,
-            "config_file": None,
-            "overlap_comm": False,
-        }
-    )
-    config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False, sp_size=sp)
-    # Partition every parameter, however small (DeepSpeed keeps small ones whole on every rank by default).
+def zero3(world: int, global_batch: int, micro: int, sp: int = 1, leaf: bool = True) -> dict:
+    """ZeRO-3 as the engine builds it (no clipping), every parameter partitioned however small (DeepSpeed keeps
+    small ones whole on every rank by default)."""
+    config = ds_config(global_batch, micro, world, grad_clip=1e6, sp=sp)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if not leaf:  # DeepSpeed's own default marks Mixtral / Qwen2-MoE / Qwen3-MoE blocks as leaves
         config["zero_optimization"]["leaf_module"] = {"classes": []}
@@ -148,7 +136,7 @@ def aux_case(model_type: str, root: Path, world: int, sp_size: int) -> dict:
         model_type, root, f"{model_type}_aux", output_router_logits=True, router_aux_loss_coef=0.1
     )
     micro, sp = 2, SequenceParallel(sp_size, dist.get_rank(), world)
-    config = ds_config(world, 2 * micro * sp.dp_world, micro, sp_size)
+    config = zero3(world, 2 * micro * sp.dp_world, micro, sp_size)
     model = load_model(path, "sdpa", torch.float32, init_context=ds_engine.zero_init_context(config))
     sp.install(model, "sdpa")
     aux = router_aux(model, "auto", sp.group)
@@ -259,7 +247,7 @@ def routing_case(layout: str, leaf: bool, world: int, steps: int = 2) -> dict:
     model, seen = routing_model(layout)
     leaves = separately_called_expert_blocks(model) if leaf else []
     ds_engine.gather_whole(model, leaves)
-    config = ds_config(world, world, 1, leaf=leaf)
+    config = zero3(world, world, 1, leaf=leaf)
     eng = ds_engine.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), None, config)
     losses = []
     for step in range(steps):
@@ -278,7 +266,7 @@ def export_case(model_type: str, root: Path, world: int) -> dict:
     """One step, then export_hf + verify_export (reload with from_pretrained in transformers' layout)."""
     asks = MOE_FAMILIES[model_type].aux_loss is not None
     path = saved_model(model_type, root, output_router_logits=asks)
-    config = ds_config(world, world, 1)
+    config = zero3(world, world, 1)
     model = load_model(path, "eager", torch.float32, init_context=ds_engine.zero_init_context(config))
     aux = router_aux(model, "auto")
     loss_fn = aux.wrap(target_token_loss) if aux else target_token_loss
