@@ -341,7 +341,7 @@ def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_dist")
     proc = torchrun([worker("moe.py"), "all", str(out)], 2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return torch.load(out / "results.pt")
+    return {**torch.load(out / "results.pt"), "stdout": proc.stdout}
 
 
 @pytest.mark.slow
@@ -387,6 +387,19 @@ def test_zero3_moe_export_reloads_with_the_engines_logits(dist_results):
         asks = MOE_FAMILIES[model_type].aux_loss is not None
         assert r["output_router_logits"] is asks, (model_type, r)
         assert (r["aux_loss"] is not None) is asks, (model_type, r)
+
+
+@pytest.mark.slow
+def test_train_logs_aux_loss_apart(dist_results):
+    """`train(cfg)` on 2 ranks with a Qwen3-MoE whose config sets output_router_logits: the run says what it adds,
+    every logged step has `aux_loss` beside `loss` (the language-model loss alone), the packing self-check and
+    the export check pass."""
+    e2e = dist_results["e2e"]
+    assert "router auxiliary loss: 0.001 x load balancing (router_aux_loss_coef)" in dist_results["stdout"]
+    assert [x["step"] for x in e2e["logged"]] == [1, 2]
+    for x in e2e["logged"]:
+        assert 1.5 <= x["aux_loss"] <= 4.0 and x["loss"] > 0, x  # E x sum f P: top-k = 2 balanced, at most E = 4
+    assert e2e["results"]["export_check_rel"] <= 1e-4 and e2e["results"]["steps"] == 2
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from launcher.loss import target_token_loss
 from launcher.model import load_model
 from launcher.model.moe import MOE_FAMILIES, router_aux, separately_called_expert_blocks
 from launcher.train import train_step
-from tests.helpers import TINY_MOE, ds_config, tiny_moe_config
+from tests.helpers import MOE_BASE, TINY_MOE, ds_config, tiny_moe_config
 
 CPU = torch.device("cpu")
 
@@ -288,6 +288,49 @@ def export_case(model_type: str, root: Path, world: int) -> dict:
     }
 
 
+# ---- end to end ----
+
+
+def e2e_case(root: Path) -> dict:
+    """`train(cfg)` as `sft launch` runs it: a tiny random Qwen3-MoE whose config asks for router logits, the demo
+    data, 2 steps, the packing self-check, export and its check; what metrics.jsonl logged."""
+    import json
+
+    from omegaconf import open_dict
+
+    from launcher.config import compose
+    from launcher.train import train
+
+    run_dir = root / "e2e"
+    cfg = compose(
+        [
+            f"run_dir={run_dir}",
+            f"cache_dir={root / 'cache'}",
+            "data.max_length=128",
+            "train.max_steps=2",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=2",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.exact_match_eval=false",
+            "logging.wandb_mode=disabled",
+            "logging.progress=false",
+        ]
+    )
+    with open_dict(cfg):
+        cfg.model.init = {  # the vocabulary is the tokenizer's
+            **{k: v for k, v in {**MOE_BASE, **TINY_MOE["qwen3_moe"]}.items() if k != "vocab_size"},
+            "model_type": "qwen3_moe",
+            "output_router_logits": True,
+        }
+    results = train(cfg)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "results": {k: v for k, v in results.items() if isinstance(v, (int, float))},
+        "logged": [x for x in lines if "loss" in x],
+    }
+
+
 def main(mode: str, out: str) -> None:
     root = Path(out)
     info = ds_engine.init_distributed(timeout_minutes=0.5 if mode == "modulelist-no-leaf" else 2)
@@ -311,6 +354,9 @@ def main(mode: str, out: str) -> None:
         t0 = time.time()
         results["export"][model_type] = export_case(model_type, root, world)
         results["seconds"][f"export_{model_type}"] = time.time() - t0
+    t0 = time.time()
+    results["e2e"] = e2e_case(root)
+    results["seconds"]["e2e"] = time.time() - t0
     if info.rank == 0:
         torch.save(results, root / "results.pt")
     dist.barrier()
