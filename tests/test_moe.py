@@ -339,7 +339,8 @@ def test_plan_active_parameters_of_shared_experts_and_dense_layers():
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_dist")
-    proc = torchrun([worker("moe.py"), "all", str(out)], 2, timeout=600)
+    env = {"HF_MODULES_CACHE": str(out / "hf_modules")}  # the remote-code checkpoint's module, not in $HOME
+    proc = torchrun([worker("moe.py"), "all", str(out)], 2, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return {**torch.load(out / "results.pt"), "stdout": proc.stdout}
 
@@ -367,13 +368,13 @@ def test_zero3_router_aux_loss_equals_the_reference(dist_results):
 @pytest.mark.slow
 def test_zero3_ranks_routed_to_different_experts_train(dist_results):
     """Rank 0's tokens all route to expert 0, rank 1's to experts 1-3: transformers 5's fused experts (one module
-    of 3D tensors) train without leaf modules; transformers 4's layout (a ModuleList of experts) trains with its
-    blocks gathered whole (engine.gather_whole of the detected blocks)."""
+    of 3D tensors) train without any leaf module; a trust_remote_code checkpoint whose experts are a ModuleList
+    (transformers 4's layout), built as a run builds it, trains with its blocks found and gathered whole."""
     for layout, r in dist_results["routing"].items():
         assert r["experts_by_rank"] == [[0], [1, 2, 3]], (layout, r)
         assert len(r["losses"]) == 2, (layout, r)
     assert dist_results["routing"]["fused"]["leaf_classes"] == []
-    assert dist_results["routing"]["modulelist"]["leaf_classes"] == ["ModuleListMoeBlock"]
+    assert dist_results["routing"]["remote"]["leaf_classes"] == ["ModuleListMoeBlock"]
 
 
 @pytest.mark.slow
@@ -398,18 +399,22 @@ def test_train_logs_aux_loss_apart(dist_results):
     assert "router auxiliary loss: 0.001 x load balancing (router_aux_loss_coef)" in dist_results["stdout"]
     assert [x["step"] for x in e2e["logged"]] == [1, 2]
     for x in e2e["logged"]:
-        assert 1.5 <= x["aux_loss"] <= 4.0 and x["loss"] > 0, x  # E x sum f P: top-k = 2 balanced, at most E = 4
+        assert 1.5 <= x["aux_loss"] <= 4.0 and x["loss"] > 0, (
+            x
+        )  # E x sum f P: top-k = 2 balanced, at most E = 4
     assert e2e["results"]["export_check_rel"] <= 1e-4 and e2e["results"]["steps"] == 2
 
 
 @pytest.mark.slow
 def test_zero3_modulelist_experts_without_leaf_modules_do_not_finish(tmp_path):
-    """The failure gather_whole prevents: transformers 4's ModuleList experts, rank 0's tokens on expert 0 and rank
-    1's on experts 1-3, no leaf modules: the ranks gather different experts' parameters, so their collectives no
-    longer pair up. gloo notices the sizes differ and aborts in step 0 (NCCL, which does not check, waits
-    forever); the worker's 30 s collective timeout bounds the case where sizes happen to agree."""
-    proc = torchrun([worker("moe.py"), "modulelist-no-leaf", str(tmp_path)], 2, timeout=240)
+    """The failure the leaf blocks prevent: the remote-code checkpoint (ModuleList experts), rank 0's tokens on
+    expert 0 and rank 1's on experts 1-3, loaded without leaf modules: the ranks gather different experts'
+    parameters, so their collectives no longer pair up. gloo notices the sizes differ and aborts in step 0
+    (NCCL, which does not check, waits forever); the worker's 30 s collective timeout bounds the case where sizes
+    happen to agree."""
+    env = {"HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    proc = torchrun([worker("moe.py"), "remote-no-leaf", str(tmp_path)], 2, timeout=240, env=env)
     assert proc.returncode != 0
-    assert proc.stdout.count("leaf=False step 0 starts") == 2 and "step 1 starts" not in proc.stdout
-    assert "modulelist-no-leaf finished" not in proc.stdout
+    assert proc.stdout.count("remote-no-leaf step 0 starts") == 2 and "step 1 starts" not in proc.stdout
+    assert "remote-no-leaf finished" not in proc.stdout
     assert "collective mismatch" in proc.stderr or "Timed out" in proc.stderr, proc.stderr[-3000:]

@@ -1,15 +1,16 @@
 """torchrun worker for tests/test_moe.py: MoE models under real 2-rank ZeRO-3 (gloo), every weight partitioned.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe.py all OUT_DIR
-    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe.py modulelist-no-leaf OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/moe.py remote-no-leaf OUT_DIR
 
 `all` runs, in one process: the router's auxiliary loss through `train_step` (2 micro-batches of 2 padded rows
 per rank; data parallel, then sequence parallel) against a plain single-process reference built from
 transformers' own `load_balancing_loss_func` over the documents run one by one; disjoint routing (rank 0's
 tokens all go to expert 0, rank 1's to experts 1-3) with transformers 5's fused experts and no leaf modules, and
-with transformers 4's layout (an `nn.ModuleList` of experts) gathered whole by `engine.gather_whole`; the export
-of each MoE family reloaded by `from_pretrained`. Rank 0 writes `OUT_DIR/results.pt`.
-`modulelist-no-leaf` is the ModuleList layout without leaf modules: expected to stop in a collective.
+with a `trust_remote_code` checkpoint whose experts are an `nn.ModuleList`, built as a run builds it (its blocks
+found and gathered whole); the export of each MoE family reloaded by `from_pretrained`; `train(cfg)` end to end.
+Rank 0 writes `OUT_DIR/results.pt`. `remote-no-leaf` is the remote-code checkpoint without leaf modules:
+expected to stop in a collective. Set HF_MODULES_CACHE: the remote code is imported from there.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from launcher.export import export_hf, verify_export
 from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.loss import target_token_loss
 from launcher.model import load_model
-from launcher.model.moe import MOE_FAMILIES, router_aux, separately_called_expert_blocks
+from launcher.model.moe import MOE_FAMILIES, router_aux
 from launcher.train import train_step
 from tests.helpers import MOE_BASE, TINY_MOE, ds_config, tiny_moe_config
 
 CPU = torch.device("cpu")
+REMOTE_CODE = Path(__file__).resolve().parent / "remote_moe" / "modeling_tiny_moe.py"
 
 
 class _Tok:
@@ -184,48 +186,34 @@ def force_routing(model: torch.nn.Module, gates: list[torch.nn.Module]) -> None:
             gate.weight[:, :4] = torch.eye(4) * ROUTE
 
 
-class ModuleListMoeBlock(torch.nn.Module):
-    """transformers 4.57's Qwen3MoeSparseMoeBlock (and most remote-code MoE blocks): experts are separate modules,
-    each run only for the tokens routed to it."""
+def remote_code_checkpoint(root: Path) -> str:
+    """A `trust_remote_code` checkpoint whose MoE blocks keep their experts in an `nn.ModuleList`
+    (tests/workers/remote_moe/modeling_tiny_moe.py), top-1 of 4 experts, routing forced (rank 0 writes it)."""
+    import importlib.util
 
-    def __init__(self, config):
-        super().__init__()
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
+    path = root / "models" / "remote_moe"
+    if dist.get_rank() == 0:
+        spec = importlib.util.spec_from_file_location("modeling_tiny_moe", REMOTE_CODE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["modeling_tiny_moe"] = module
+        spec.loader.exec_module(module)
+        module.TinyMoeConfig.register_for_auto_class()  # auto_map in config.json, the file copied beside it
+        module.TinyMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        torch.manual_seed(0)
+        config = module.TinyMoeConfig(**{**MOE_BASE, **TINY_MOE["qwen3_moe"], "num_experts_per_tok": 1})
+        with ds_engine.local_construction():
+            model = module.TinyMoeForCausalLM(config)
+        force_routing(model, [layer.mlp.gate for layer in model.model.layers])
+        model.save_pretrained(path)
+        from transformers import AutoConfig
 
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.gate = torch.nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = torch.nn.ModuleList(
-            [
-                Qwen3MoeMLP(config, intermediate_size=config.moe_intermediate_size)
-                for _ in range(config.num_experts)
-            ]
-        )
-
-    def forward(self, hidden_states):
-        b, t, h = hidden_states.shape
-        x = hidden_states.view(-1, h)
-        weights, picked = torch.topk(F.softmax(self.gate(x), dim=1, dtype=torch.float), self.top_k, dim=-1)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        mask = F.one_hot(picked, num_classes=self.num_experts).permute(2, 1, 0)
-        for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
-            idx, top_x = torch.where(mask[e].squeeze(0))
-            out.index_add_(0, top_x, self.experts[e](x[top_x]) * weights[top_x, idx, None])
-        return out.reshape(b, t, h)
+        AutoConfig.from_pretrained(path, trust_remote_code=True)  # the module cache, written once
+    dist.barrier()
+    return str(path)
 
 
-def routing_model(layout: str) -> tuple[torch.nn.Module, list[list[int]]]:
-    """Tiny Qwen3-MoE (top-1 of 4 experts) with forced routing; `layout` fused (transformers 5) or modulelist."""
-    torch.manual_seed(0)
-    config = tiny_moe_config("qwen3_moe", vocab_size=128, num_experts_per_tok=1)
-    with ds_engine.local_construction():  # every rank builds it whole; initialize partitions it
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    model.config.use_cache = False
-    if layout == "modulelist":
-        for layer in model.model.layers:
-            layer.mlp = ModuleListMoeBlock(config)
-    force_routing(model, [layer.mlp.gate for layer in model.model.layers])
+def record_routing(model: torch.nn.Module) -> list[list[int]]:
+    """The experts each router's top-1 picks, per forward (fused routers return (logits, ...); Linear ones logits)."""
     seen: list[list[int]] = []
 
     def record(_m, _i, out):
@@ -234,7 +222,43 @@ def routing_model(layout: str) -> tuple[torch.nn.Module, list[list[int]]]:
 
     for layer in model.model.layers:
         layer.mlp.gate.register_forward_hook(record)
-    return model, seen
+    return seen
+
+
+def fused_model() -> torch.nn.Module:
+    """transformers 5's Qwen3-MoE (experts fused into 3D tensors), top-1 of 4, routing forced."""
+    torch.manual_seed(0)
+    config = tiny_moe_config("qwen3_moe", num_experts_per_tok=1)
+    with ds_engine.local_construction():  # every rank builds it whole; initialize partitions it
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    force_routing(model, [layer.mlp.gate for layer in model.model.layers])
+    return model
+
+
+def remote_model(path: str, config: dict, through_run: bool) -> torch.nn.Module:
+    """The remote-code checkpoint loaded under ZeRO-3: as a run builds it (`build_training_model`, which marks
+    the blocks found as leaves), or plainly (`load_model`, no leaves)."""
+    init = ds_engine.zero_init_context(config)
+    if not through_run:
+        return load_model(path, "sdpa", torch.float32, trust_remote_code=True, init_context=init)
+    from launcher.config import compose
+    from launcher.model import model_config
+    from launcher.run import build_training_model, decide
+
+    tokenizer = Path(__file__).resolve().parents[2] / "launcher" / "assets" / "tokenizer"
+    cfg = compose(
+        [
+            "model=hf",
+            f"model.name_or_path={path}",
+            "model.trust_remote_code=true",
+            f"model.tokenizer={tokenizer}",
+        ]
+    )
+    choice = decide(cfg, CPU, model_config(cfg.model))
+    sp = SequenceParallel(1, dist.get_rank(), dist.get_world_size())
+    model, _ = build_training_model(cfg, choice, MOE_BASE["vocab_size"], sp, CPU, init, say=lambda _m: None)
+    return model
 
 
 def routing_rows(rank: int) -> list[dict]:
@@ -243,19 +267,22 @@ def routing_rows(rank: int) -> list[dict]:
     return pack_examples([{"input_ids": ids, "labels": ids}], max_length=32)
 
 
-def routing_case(layout: str, leaf: bool, world: int, steps: int = 2) -> dict:
-    model, seen = routing_model(layout)
-    leaves = separately_called_expert_blocks(model) if leaf else []
-    ds_engine.gather_whole(model, leaves)
+def routing_case(layout: str, root: Path, world: int, steps: int = 2) -> dict:
+    """Two steps with rank 0's tokens on expert 0 and rank 1's on experts 1-3: `fused` (transformers 5, no leaf
+    modules at all), `remote` (ModuleList experts built as a run builds them), `remote-no-leaf`."""
+    leaf = layout == "remote"
     config = zero3(world, world, 1, leaf=leaf)
+    model = fused_model() if layout == "fused" else remote_model(remote_code_checkpoint(root), config, leaf)
+    seen = record_routing(model)
     eng = ds_engine.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), None, config)
     losses = []
     for step in range(steps):
-        print(f"rank {dist.get_rank()} {layout} leaf={leaf} step {step} starts", flush=True)
+        print(f"rank {dist.get_rank()} {layout} step {step} starts", flush=True)
         losses.append(train_step(eng, routing_rows(dist.get_rank()), 1, "sdpa", CPU, 0, world)["loss"])
     experts = sorted({e for s in seen for e in s})
     everyone = [None] * world
     dist.all_gather_object(everyone, experts)
+    leaves = sorted({type(m).__name__ for m in eng.module.modules() if getattr(m, "_z3_leaf", False)})
     return {"losses": losses, "experts_by_rank": everyone, "leaf_classes": leaves}
 
 
@@ -333,20 +360,20 @@ def e2e_case(root: Path) -> dict:
 
 def main(mode: str, out: str) -> None:
     root = Path(out)
-    info = ds_engine.init_distributed(timeout_minutes=0.5 if mode == "modulelist-no-leaf" else 2)
+    info = ds_engine.init_distributed(timeout_minutes=0.5 if mode == "remote-no-leaf" else 2)
     world = info.world_size
-    if mode == "modulelist-no-leaf":
-        routing_case("modulelist", leaf=False, world=world)
-        print("modulelist-no-leaf finished", flush=True)
+    if mode == "remote-no-leaf":
+        routing_case("remote-no-leaf", root, world)
+        print("remote-no-leaf finished", flush=True)
         ds_engine.exit_now(0)
     results: dict = {"aux": {}, "routing": {}, "export": {}, "seconds": {}}
     for model_type, sp in (("qwen3_moe", 1), ("olmoe", 1), ("qwen3_moe", 2)):
         t0 = time.time()
         results["aux"][f"{model_type}_sp{sp}"] = aux_case(model_type, root, world, sp)
         results["seconds"][f"aux_{model_type}_sp{sp}"] = time.time() - t0
-    for layout in ("fused", "modulelist"):
+    for layout in ("fused", "remote"):
         t0 = time.time()
-        results["routing"][layout] = routing_case(layout, leaf=layout == "modulelist", world=world)
+        results["routing"][layout] = routing_case(layout, root, world)
         results["seconds"][f"routing_{layout}"] = time.time() - t0
     for model_type in TINY_MOE:
         if model_type == "gpt_oss":  # sinks: the export check reloads with sdpa, which gpt-oss refuses
