@@ -57,6 +57,7 @@ EXACTNESS_KEYS = (
     "train.warmup_steps",
     "train.warmup_ratio",
     "train.schedule",
+    "train.router_aux_loss",
     "train.weight_decay",
     "train.adam_beta1",
     "train.adam_beta2",

@@ -248,6 +248,10 @@ class TrainConfig:
     tiled_loss: str = "auto"
     """LM head + cross-entropy over tiles of target tokens, so the [tokens, vocab] logits never exist whole
     (`auto`: on for vocabularies of 32k or more; true/false)."""
+    router_aux_loss: str = "auto"
+    """MoE models: add the router's auxiliary (load-balancing) loss over the real tokens, times the model's own
+    coefficient (`auto`: when the model's config sets output_router_logits, as transformers does; true/false);
+    logged apart as `aux_loss`. Families without one (DeepSeek-V3, GLM-4-MoE, Llama 4) add nothing."""
 
 
 @dataclass
@@ -406,6 +410,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         str(t.tiled_loss).lower() in ("auto", "true", "false"),
         "train.tiled_loss",
         t.tiled_loss,
+        "auto, true or false",
+    )
+    need(
+        str(t.router_aux_loss).lower() in ("auto", "true", "false"),
+        "train.router_aux_loss",
+        t.router_aux_loss,
         "auto, true or false",
     )
     if t.keep_last < 0:

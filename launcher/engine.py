@@ -246,6 +246,19 @@ def initialize(
     return engine
 
 
+def gather_whole(model: torch.nn.Module, class_names: list[str]) -> None:
+    """Mark modules of these classes as ZeRO-3 leaves (before `initialize`): each is gathered whole on entry and
+    its gradients reduced together after its backward, whatever its children run. An MoE block whose experts are
+    separate modules run only for the tokens routed to them needs it: otherwise a rank whose tokens pick no token
+    of an expert skips that expert's gather, which the other ranks wait on, and training hangs
+    (`launcher.model.moe.separately_called_expert_blocks`). DeepSpeed zero-fills the gradients of the experts
+    a rank did not run, so every rank reduces the same tensors."""
+    if class_names:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, class_names)
+
+
 def backward(engine: Any, loss: torch.Tensor) -> None:
     """Backward without DeepSpeed's 1/accumulation scaling: the loss is already normalised by the step's
     global token count (see launcher.train.train_step)."""

@@ -17,6 +17,7 @@ from launcher.data.loader import collate
 from launcher.evaluate import sampled_positions
 from launcher.loss import model_inputs
 from launcher.model import param_shape
+from launcher.model.moe import router_logits_restored
 
 VERIFY_TOKENS = 64  # the export check's row is cut to this many tokens: cheap even for a large model on CPU
 
@@ -37,7 +38,8 @@ def export_hf(engine: Any, tok: Any, out_dir: Path) -> Path | None:
     if attn not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
         model.config._attn_implementation = "sdpa"
     try:
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        with router_logits_restored(model):  # the config as loaded: output_router_logits is ours to turn off
+            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     finally:
         model.config.use_cache = False
         model.config._attn_implementation = attn

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
 
+LOSS_ONLY = ("labels", "shift_labels", "token_mask")  # what a batch carries for the loss, not for the model
+
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """Everything but labels: the loss is ours, summed over target tokens (see target_token_loss)."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    """Everything but labels (and the real-token mask): the loss is ours, summed over target tokens (see
+    target_token_loss)."""
+    return {k: v for k, v in batch.items() if k not in LOSS_ONLY}
 
 
 def final_hidden_states(model: Any, batch: dict[str, Any]) -> torch.Tensor:

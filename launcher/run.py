@@ -38,6 +38,7 @@ from launcher.loss import target_token_loss
 from launcher.metrics import NullLogger, PeakMemory, build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 from launcher.model.attention import choose_backend
+from launcher.model.moe import RouterAux, router_aux_decision, separately_called_expert_blocks
 from launcher.optim import build_optimizer, warmup_steps
 from launcher.precision import Precision, resolve_precision
 from launcher.stop import STOP, StopRequest
@@ -62,6 +63,7 @@ class Run:
     n_params: int
     engine: Any
     loss_fn: Any  # (engine, batch) -> (summed loss, target count): target_token_loss or its tiled variant
+    train_loss_fn: Any  # what training steps call: loss_fn, plus an MoE router's auxiliary term when it is on
     offload: CheckpointOffload | None
     state: TrainState
     logger: NullLogger
@@ -171,6 +173,7 @@ def build_run(cfg: DictConfig) -> Run:
         n_params=trainable.n_params,
         engine=engine,
         loss_fn=trainable.loss_fn,
+        train_loss_fn=trainable.train_loss_fn,
         offload=trainable.offload,
         state=state,
         logger=logger,
@@ -188,14 +191,17 @@ class Choice:
     attention: str
     attention_why: str
     tiled_loss: bool
+    router_aux: bool = False  # an MoE router's auxiliary loss is added (launcher.model.moe)
+    router_aux_why: str | None = None  # what was decided about it and why (None for a dense model)
 
 
 def decide(cfg: DictConfig, device: torch.device, config: Any) -> Choice:
-    """Precision, attention backend and tiled loss for this model on this device (ValueError, one line, when a
-    setting cannot run here)."""
+    """Precision, attention backend, tiled loss and an MoE router's auxiliary loss for this model on this device
+    (ValueError, one line, when a setting cannot run here)."""
     precision = resolve_precision(cfg.model.dtype.value, device)
     attention, why = choose_backend(cfg.model.attention.value, device, config, precision.dtype)
-    return Choice(precision, attention, why, use_tiled_loss(cfg.train.tiled_loss, config))
+    aux, aux_why = router_aux_decision(cfg.train.router_aux_loss, config)
+    return Choice(precision, attention, why, use_tiled_loss(cfg.train.tiled_loss, config), aux, aux_why)
 
 
 @dataclass
@@ -208,6 +214,7 @@ class Trainable:
     engine: Any
     n_params: int
     loss_fn: Any
+    train_loss_fn: Any
 
 
 def build_trainable(
@@ -227,6 +234,8 @@ def build_trainable(
         f"ZeRO stage {ds_config['zero_optimization']['stage']}",
     )
     say(f"loss: {'tiled' if choice.tiled_loss else 'untiled'} LM head (train.tiled_loss={t.tiled_loss})")
+    if choice.router_aux_why:
+        say(f"router auxiliary loss: {choice.router_aux_why}")
     warmup = warmup_steps(t)
     how = "train.warmup_steps" if t.warmup_steps is not None else f"train.warmup_ratio={t.warmup_ratio}"
     say(
@@ -235,7 +244,8 @@ def build_trainable(
     optimizer, scheduler_factory = build_optimizer(model, t)
     engine = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config, cfg.deepspeed.config_file)
     loss_fn = tiled_target_token_loss if choice.tiled_loss else target_token_loss
-    return Trainable(choice, model, offload, engine, n_params, loss_fn)
+    train_loss_fn = RouterAux(model, sp.group).wrap(loss_fn) if choice.router_aux else loss_fn
+    return Trainable(choice, model, offload, engine, n_params, loss_fn, train_loss_fn)
 
 
 def build_training_model(
@@ -252,6 +262,7 @@ def build_training_model(
     t = cfg.train
     model = build_model(cfg.model, vocab_size, choice.attention, choice.precision.dtype, init_context)
     sp.install(model, choice.attention)
+    ds_engine.gather_whole(model, separately_called_expert_blocks(model))  # ZeRO-3: MoE never hangs
     if t.tiled_mlp:
         say(f"tiled MLP in {install_tiled_mlp(model)} layers")
     for note in getattr(model, "load_notes", []):

@@ -46,7 +46,9 @@ def train_step(
     sp: SequenceParallel | None = None,
 ) -> dict[str, float]:
     """One optimizer step over this rank's rows, in micro-batches; loss normalised by global target tokens.
-    `loss_fn(engine, batch)` returns (summed loss, target count): `target_token_loss` or its tiled variant.
+    `loss_fn(engine, batch)` returns (summed loss, target count): `target_token_loss` or its tiled variant; for
+    an MoE model also the router's auxiliary term (`launcher.model.moe.RouterAux.wrap`), normalised by the step's
+    real tokens and returned apart as `aux_loss`.
     With sequence parallelism the S ranks of a group hold the same rows and each computes its slice of them."""
     sp = sp or SequenceParallel(1, 0, world)
     n_local = count_targets(my_rows)
@@ -55,29 +57,38 @@ def train_step(
     )
     dist.all_reduce(counts)
     counts /= sp.size  # each row was counted by every rank of its group
-    n_global = counts[:1]
-    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    n_global, n_tokens = counts[:1], counts[1:]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, router auxiliary sum]
     counted = torch.zeros((), dtype=torch.long, device=device)
+    has_aux = False
     for i in range(0, len(my_rows), micro):
-        with sp.shard(collate(my_rows[i : i + micro], attention, pad_id, device=device)) as b:
-            loss_sum, n_targets = loss_fn(eng, b)
+        with sp.shard(collate(my_rows[i : i + micro], attention, pad_id, device, token_mask=True)) as b:
+            loss_sum, n_targets, *aux = loss_fn(eng, b)
             counted += n_targets
             # DeepSpeed averages gradients over ranks; x world turns that average into the global token sum
             # (with SP too: every rank's gradient is its own tokens' part of the sum).
-            ds_engine.backward(eng, loss_sum * world / n_global.clamp(min=1).float())
+            loss = loss_sum * world / n_global.clamp(min=1).float()
+            if aux:  # token-weighted over the step's real tokens, like the main loss over its targets
+                loss = loss + aux[0].coef * aux[0].sum * world / n_tokens.clamp(min=1).float()
+                totals[1] += aux[0].sum.detach().double()
+                has_aux = True
+            ds_engine.backward(eng, loss)
         eng.step()
-        loss_total += loss_sum.detach().double()
+        totals[0] += loss_sum.detach().double()
     if sp.size > 1:
         dist.all_reduce(counted, group=sp.group)  # the group's slices together hold the rows' targets
     # The normaliser counted what the loss summed. Padding-free batches lay rows end to end, so this also holds
     # the packer to its invariant: every row's first label is -100 (no row is a target of the row before it).
     assert int(counted) == n_local, (int(counted), n_local)
-    dist.all_reduce(loss_total)
-    return {
-        "loss": (loss_total / n_global.clamp(min=1)).item(),
+    dist.all_reduce(totals)
+    out = {
+        "loss": (totals[0] / n_global.clamp(min=1)).item(),
         "trained_tokens": int(counts[0].item()),
         "tokens": int(counts[1].item()),
     }
+    if has_aux:
+        out["aux_loss"] = (totals[1] / n_tokens.clamp(min=1)).item()
+    return out
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -99,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             run.device,
             run.pad_id,
             run.world,
-            run.loss_fn,
+            run.train_loss_fn,
             run.sp,
         )
         step_peak = max(step_peak, run.memory.take())  # until the next log
@@ -181,6 +192,9 @@ def log_step(run: Run, out: dict[str, float], rows: list[dict], seconds: float, 
     step = run.state.step
     metrics = {
         "loss": out["loss"],
+        **(
+            {"aux_loss": out["aux_loss"]} if "aux_loss" in out else {}
+        ),  # an MoE router's, apart from the loss
         "lr": run.engine.lr_scheduler.get_last_lr()[0],
         "grad_norm": float(run.engine.get_global_grad_norm() or 0.0),
         "tokens_per_s": out["tokens"] / seconds,

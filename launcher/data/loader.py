@@ -31,6 +31,7 @@ def collate(
     attention: str = "sdpa",
     pad_id: int = 0,
     device: torch.device | str | None = None,
+    token_mask: bool = False,
 ) -> dict[str, Any]:
     """Stack packed rows into tensors for the given attention backend.
 
@@ -41,6 +42,9 @@ def collate(
         device: where the batch goes (default CPU). Token tensors are built on the CPU and copied; a mask is
             built on the device itself: a [B, 1, T, T] float mask is cheaper to make there than to copy, and a
             flex BlockMask must be made where it is used.
+        token_mask: also return `token_mask`, [B, T] True at real tokens and False at padding, for losses over
+            every real token (an MoE router's auxiliary loss); not a model input (`launcher.loss.model_inputs`
+            drops it).
 
     Returns:
         `input_ids`, `labels`, `position_ids` and the backend's document metadata, with `use_cache=False`.
@@ -55,7 +59,7 @@ def collate(
         pos = torch.tensor([t for r in rows for t in r["position_ids"]], dtype=torch.long)[None]
         cu, max_len = cu_seq_lens(pos)  # on the CPU: max_len is a Python int, read without a device sync
         cu = _move(cu, device)
-        return {
+        out = {
             "input_ids": _move(ids, device),
             "labels": _move(labels, device),
             "position_ids": _move(pos, device),
@@ -65,6 +69,9 @@ def collate(
             "max_length_k": max_len,
             "use_cache": False,
         }
+        if token_mask:  # padding-free: every token is real
+            out["token_mask"] = _move(torch.ones_like(ids, dtype=torch.bool), device)
+        return out
     if attention not in (*MASK_BACKENDS, "flex_attention"):
         raise ValueError(f"collate(attention={attention!r}): unknown backend")
     t = max(len(r["input_ids"]) for r in rows)
@@ -80,13 +87,17 @@ def collate(
         pos[i, n:] = torch.arange(t - n)
     pos = _move(pos, device)
     mask = document_block_mask(pos) if attention == "flex_attention" else block_causal_float_mask(pos)
-    return {
+    out = {
         "input_ids": _move(ids, device),
         "labels": _move(labels, device),
         "position_ids": pos,
         "attention_mask": mask,
         "use_cache": False,
     }
+    if token_mask:
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+        out["token_mask"] = _move(torch.arange(t)[None] < lengths[:, None], device)
+    return out
 
 
 def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:

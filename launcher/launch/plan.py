@@ -63,6 +63,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from launcher.model import model_config
+    from launcher.model.moe import active_params, moe_blocks
 
     vocab = None
     if not cfg.model.name_or_path:  # the demo model's vocabulary is its tokenizer's
@@ -73,7 +74,15 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     unique = {id(p): p.numel() for p in model.parameters()}  # tied weights once
+    total = sum(unique.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    # An MoE block may be gathered whole (a ZeRO-3 leaf: DeepSpeed's default for some, ours where experts are
+    # separate modules): count it whole.
+    blocks = set(moe_blocks(model))
+    largest = max(
+        [largest]
+        + [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks]
+    )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -81,7 +90,9 @@ def model_shape(cfg: Any) -> dict[str, Any]:
 
     return {
         "tiled_loss": use_tiled_loss(cfg.train.tiled_loss, text),
-        "params": sum(unique.values()),
+        "params": total,
+        # what one token passes through: an MoE model's shared parts and top-k routed experts (all for dense)
+        "active_params": active_params(model, total),
         "largest_layer_params": largest,
         "layers": text.num_hidden_layers,
         "hidden": text.hidden_size,
@@ -346,7 +357,9 @@ def format_plan(p: dict[str, Any]) -> str:
         f"tokens per optimizer step: {p['tokens_per_step']:.0f}; steps per epoch: "
         + (f"{spe}" if spe is not None else "unknown until the data is prepared (sft prepare)"),
         f"data: {d['source']}",
-        f"model: {m['params'] / 1e9:.3f}B params ({m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']}), "
+        f"model: {m['params'] / 1e9:.3f}B params"
+        + (f", {m['active_params'] / 1e9:.3f}B active per token" if m["active_params"] != m["params"] else "")
+        + f" ({m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']}), "
         f"largest module {m['largest_layer_params'] / 1e6:.1f}M; {p['precision']}, attention {p['attention']}",
         "deepspeed: " + json.dumps(p["deepspeed"], indent=2).replace("\n", "\n  "),
         "per GPU (GB):",

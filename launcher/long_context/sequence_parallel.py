@@ -101,6 +101,7 @@ class SequenceParallel:
             yield batch
             return
         ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+        real = batch.get("token_mask")
         # The collator's [B, 1, T, T] mask is not used (it is rebuilt after the all-to-all): drop it from the
         # batch rather than hold a second T x T mask through the step (the batch is consumed).
         batch.pop("attention_mask", None)
@@ -110,6 +111,7 @@ class SequenceParallel:
             labels = F.pad(labels, (0, pad), value=IGNORE_INDEX)
             extra = torch.arange(pad, device=pos.device).expand(pos.shape[0], pad)
             pos = torch.cat([pos, extra], dim=1)
+            real = None if real is None else F.pad(real, (0, pad), value=False)
         # Shift before slicing: the target of a shard's last token is the next shard's first token.
         targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         n = ids.shape[1] // self.size
@@ -118,12 +120,15 @@ class SequenceParallel:
         try:
             _STATE.sp, _STATE.positions, _STATE.masks = self, self.gather_positions(local_pos), {}
             _STATE.varlen = whole_row_boundaries(batch, pad)
-            yield {
+            local = {
                 "input_ids": ids[:, mine],
                 "position_ids": local_pos,
                 "shift_labels": targets[:, mine],
                 "use_cache": False,
             }
+            if real is not None:
+                local["token_mask"] = real[:, mine]
+            yield local
         finally:
             _STATE.sp, _STATE.positions, _STATE.masks, _STATE.varlen = None, None, {}, {}
 

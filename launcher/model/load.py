@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from launcher.data.template import ensure_chat_template
+from launcher.model import moe
 from launcher.model.attention import install_packing_hook, register_varlen
 from launcher.model.linear_attention import install_document_reset
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def _prepare(model: torch.nn.Module, attention: str) -> torch.nn.Module:
     model.config.use_cache = False
+    moe.prepare(model)  # the router's auxiliary loss is ours (launcher.model.moe), over real tokens only
     install_packing_hook(model)
     install_document_reset(model)  # linear attention and short convolutions restart at each document
     model.packing_attention = attention  # what the collator must build for this model
