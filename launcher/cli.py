@@ -6,6 +6,7 @@
     sft preview [-n N] [overrides]       print N examples with trained tokens marked, and the data report
     sft check [overrides]                compare packed vs per-document logits of the configured model
     sft config [overrides]               print the composed config
+    sft models                           the model families table: exact attention backends, SP, tiled loss/MLP, MoE
     sft plan [--nodes N --gpus-per-node G --gpu-memory-gb M] [--json] [--check] [overrides]
                                          world size, batch, steps, DeepSpeed JSON and per-GPU memory: fits?
 
@@ -40,6 +41,9 @@ COMMAND_USAGE = {
     "check": "sft check [overrides]\n\nCompares packed vs per-document logits of the configured model and "
     "backend.",
     "config": "sft config [overrides]\n\nPrints the composed config (every key and its value).",
+    "models": "sft models\n\nPrints the model families table (launcher/model/families.py): for each family, which "
+    "attention backends keep packed documents exact on CPU and GPU, what model.attention=auto picks, and whether "
+    "sequence parallelism, the tiled loss and the tiled MLP apply.",
     "plan": "sft plan [--nodes N --gpus-per-node G --gpu-memory-gb M] [--json] [--check] [overrides]\n\n"
     "Reads the model's config.json (no weights), the data and DeepSpeed config, and prints the world size, "
     "batch, tokens per step, steps per epoch, the resolved DeepSpeed JSON and the per-GPU memory against the "
@@ -300,7 +304,10 @@ def cmd_check(overrides: list[str]) -> int:
     rows = prepare_data(cfg.data, tok, cfg.model.chat_template).train_rows[:64]
     bf16 = device.type == "cuda" and cfg.model.dtype.value != "fp32"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    attention = resolve_backend(cfg.model.attention.value, device, model_config(cfg.model, len(tok)), dtype)
+    # The same decision as sft launch's preflight and the ranks' (forward only: flex attention runs on CPU here).
+    attention = resolve_backend(
+        cfg.model.attention.value, device, model_config(cfg.model, len(tok)), dtype, training=False
+    )
     model = build_model(cfg.model, len(tok), attention, dtype).to(device)
     tol = 3e-2 if bf16 else 1e-4
     try:
@@ -325,6 +332,15 @@ def cmd_plan(args: list[str]) -> int:
     return cli(args, _compose)
 
 
+def cmd_models(args: list[str]) -> int:
+    from launcher.model.families import format_table
+
+    if args:
+        raise ValueError(f"sft models takes no arguments (got {' '.join(args)})")
+    print(format_table())
+    return 0
+
+
 def cmd_config(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
@@ -340,6 +356,7 @@ COMMANDS = {
     "check": cmd_check,
     "config": cmd_config,
     "plan": cmd_plan,
+    "models": cmd_models,
 }
 
 

@@ -44,6 +44,7 @@ from launcher.loss import count_targets, target_token_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 from launcher.model.attention import choose_backend
+from launcher.model.families import model_type, registered_family
 
 log = logging.getLogger("launcher")
 
@@ -308,7 +309,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log({"resumed_at": state.step}, state.step)
     else:
         say(rank, "starting at step 0")
-    if t.check_packing:
+    # A model type not in the families table (or code shipped with the checkpoint) trains packed only when the
+    # self-check proves packing exact on it, whatever train.check_packing says.
+    unproven = cfg.data.pack and registered_family(model.config, cfg.model.trust_remote_code) is None
+    if unproven and not t.check_packing:
+        say(
+            rank,
+            f"model type {model_type(model.config)!r} is not in the families table (sft models): "
+            "the packing self-check runs",
+        )
+    if t.check_packing or unproven:
         check = check_packing(eng.module, data.train_rows, attention, device, 1e-4 if not bf16 else 3e-2, sp)
         results.update(check)
         say(rank, f"packing self-check: {check}")

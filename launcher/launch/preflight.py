@@ -290,13 +290,16 @@ def check_device(m: Any, device_type: str) -> None:
         raise UserError("model.dtype=bf16 on CPU is not supported here: use model.dtype=auto or fp32")
 
 
-def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1) -> None:
-    """The model's config builds (random init) or reads (local dir), the attention backend suits it, and its
-    heads split over the sequence-parallel group."""
+def check_model_config(
+    m: Any, device_type: str, sequence_parallel_size: int = 1, data: Any = None, train: Any = None
+) -> None:
+    """The model's config builds (random init) or reads (local dir), and what the run asks of it holds on its
+    family's row (`launcher.model.families`): the attention backend keeps packed documents exact here, packing
+    itself is exact (`data`), and the tiled loss, the tiled MLP and sequence parallelism apply (`train`)."""
     import torch
     from transformers import AutoConfig
 
-    from launcher.model.attention import resolve_backend
+    from launcher.model.attention import choose_backend
 
     try:
         if m.name_or_path is None:
@@ -313,15 +316,35 @@ def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1
         raise UserError(f"{key}: {one_line(e)}") from None
     bf16 = m.dtype.value == "bf16" or (m.dtype.value == "auto" and device_type == "cuda")
     try:
-        resolve_backend(
+        choose_backend(
             m.attention.value, torch.device(device_type), config, torch.bfloat16 if bf16 else torch.float32
         )
+        check_family(config, m.trust_remote_code, data, train)
         if sequence_parallel_size > 1:
-            from launcher.long_context.sequence_parallel import check_heads
+            from launcher.long_context.sequence_parallel import check_sequence_parallel
 
-            check_heads(sequence_parallel_size, config)
+            check_sequence_parallel(sequence_parallel_size, config)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def check_family(config: Any, trust_remote_code: bool, data: Any = None, train: Any = None) -> None:
+    """ValueError (one line) when the family's row refuses what the run asks: packed rows (`data.pack`,
+    `data.max_length`), the tiled loss (`train.tiled_loss=true`) or the tiled MLP (`train.tiled_mlp`)."""
+    from launcher.long_context.tiled_loss import tiled_loss_supported
+    from launcher.long_context.tiled_mlp import tiled_mlp_supported
+    from launcher.model.families import registered_family
+
+    family = registered_family(config, trust_remote_code)
+    if family is not None and data is not None and data.pack:
+        if why := family.packing_refusal(config, data.max_length):
+            raise ValueError(f"data.pack=true: {family.name} cannot be packed exactly: {why}")
+    if train is None:
+        return
+    if str(train.tiled_loss).lower() == "true" and (why := tiled_loss_supported(config)):
+        raise ValueError(f"train.tiled_loss=true: {why}; set train.tiled_loss=false")
+    if train.tiled_mlp and (why := tiled_mlp_supported(config)):
+        raise ValueError(f"train.tiled_mlp=true: {why}; set train.tiled_mlp=false")
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -343,6 +366,6 @@ def check(cfg: DictConfig, world_size: int, device_type: str) -> None:
     check_resume(cfg, world_size)
     check_sources(cfg.data)
     check_model(cfg.model)
-    check_model_config(cfg.model, device_type, cfg.train.sequence_parallel_size)
+    check_model_config(cfg.model, device_type, cfg.train.sequence_parallel_size, cfg.data, cfg.train)
     _probe_writable("run_dir", str(cfg.run_dir))
     _probe_writable("cache_dir", str(cfg.cache_dir))

@@ -63,6 +63,20 @@ def check_heads(size: int, model_config: Any) -> None:
         )
 
 
+def check_sequence_parallel(size: int, model_config: Any) -> None:
+    """ValueError (one line) when sequence parallelism of `size` ranks cannot run this model exactly: its family's
+    row refuses it (`launcher.model.families`), or its heads do not split over the group."""
+    from launcher.model.families import family_of
+
+    family = family_of(model_config)
+    if family is not None and family.sequence_parallel:
+        raise ValueError(
+            f"train.sequence_parallel_size={size}: {family.name}: {family.sequence_parallel}; "
+            "set train.sequence_parallel_size=1"
+        )
+    check_heads(size, model_config)
+
+
 class SequenceParallel:
     """Groups of `size` consecutive ranks sharing each packed row, and the data-parallel layout around them."""
 
@@ -84,7 +98,7 @@ class SequenceParallel:
         """Route the model's core attention through the sequence-parallel wrapper (a no-op for S=1)."""
         if self.size == 1:
             return
-        check_heads(self.size, model.config)
+        check_sequence_parallel(self.size, model.config)
         from transformers import AttentionInterface
 
         AttentionInterface.register(PREFIX + attention, _sp_attention)
@@ -244,6 +258,9 @@ def _sp_attention(
         if sp is None:
             return base(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
         q, k, v = (_SeqToHeads.apply(x, sp.group, sp.size) for x in (query, key, value))
+        if kwargs.get("s_aux") is not None:  # one sink per head (gpt-oss): this rank's heads' sinks
+            per_rank = kwargs["s_aux"].shape[0] // sp.size
+            kwargs["s_aux"] = kwargs["s_aux"][sp.sp_rank * per_rank : (sp.sp_rank + 1) * per_rank]
         if backend in VARLEN_BACKENDS:
             # The model handed this rank's own position ids (and, for flash-attn, boundaries it may have derived
             # from them): the kernel gets the whole row's boundaries instead, and applies the window itself.

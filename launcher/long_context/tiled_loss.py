@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
 from launcher.loss import model_inputs, next_token_targets
+from launcher.model.attention import decoder_of
+from launcher.model.families import family_of
 
 # Post-processing some heads apply to the logits after the projection (Gemma 2's soft-capping, Cohere's scale,
 # Granite's divisor): the tiled loss calls the projection alone, so it refuses these models.
@@ -23,7 +25,11 @@ TILED_LOSS_MIN_VOCAB = 32_000
 
 
 def tiled_loss_supported(model_cfg: Any) -> str | None:
-    """None when the LM head is a plain projection the tiled loss can run tile by tile; else why not."""
+    """None when the LM head is a plain projection the tiled loss can run tile by tile; else why not. The family's
+    row says (`launcher.model.families`); the config is read too, for values a checkpoint sets on any family."""
+    family = family_of(model_cfg)
+    if family is not None and family.tiled_loss:
+        return f"{family.name} {family.tiled_loss}"
     for key in LOGIT_POSTPROCESSING:
         value = getattr(model_cfg, key, None)
         if value not in (None, 0, 1, 1.0):
@@ -115,7 +121,7 @@ def tiled_target_token_loss(
     targets = next_token_targets(batch)
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     captured: list[torch.Tensor] = []
-    hook = inner.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    hook = decoder_of(inner).register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
     try:
         nothing = torch.zeros(0, dtype=torch.long, device=targets.device)
         model(**model_inputs(batch), logits_to_keep=nothing)

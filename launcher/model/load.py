@@ -19,9 +19,17 @@ from typing import Any
 import torch
 
 from launcher.data.template import ensure_chat_template
-from launcher.model.attention import install_packing_hook, register_varlen
+from launcher.model.attention import install_packing_hook, register_flex, register_varlen
 
 log = logging.getLogger(__name__)
+
+
+def register_backend(attention: str) -> None:
+    """Our attention functions, registered with transformers before a model asks for them by name."""
+    if attention == "torch_varlen":
+        register_varlen()
+    elif attention == "flex_attention":
+        register_flex()
 
 
 def _prepare(model: torch.nn.Module, attention: str) -> torch.nn.Module:
@@ -49,8 +57,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    if attention == "torch_varlen":
-        register_varlen()
+    register_backend(attention)
     with (init_context or contextlib.nullcontext)():
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -108,8 +115,7 @@ def build_model(
                 f"{vocab_size} entries (the new rows start untrained)"
             )
         return model
-    if attention == "torch_varlen":
-        register_varlen()
+    register_backend(attention)
     config = model_config(model_cfg, vocab_size)
     with (init_context or contextlib.nullcontext)():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
