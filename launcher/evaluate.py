@@ -18,6 +18,7 @@ import torch.distributed as dist
 from launcher.data.loader import collate
 from launcher.data.packing import doc_lengths
 from launcher.loss import model_inputs, target_token_loss
+from launcher.model.attention import plain_backend
 
 
 def _shard(items: Sequence[Any], rank: int, world: int, per_batch: int) -> list[list[Any] | None]:
@@ -187,7 +188,7 @@ def exact_match(
         return float("nan")
     previous = model.config._attn_implementation
     if previous not in ("sdpa", "eager"):
-        model.set_attn_implementation("sdpa")  # generation uses ordinary padded batches, not packed ones
+        model.set_attn_implementation(plain_backend(model.config))  # generation: padded batches, not packed
     model.eval()
     stop = [tok.eos_token_id] + [
         tok.convert_tokens_to_ids(t) for t in ("<|im_end|>",) if t in tok.get_vocab()

@@ -16,6 +16,7 @@ from launcher import engine as ds_engine
 from launcher.data.loader import collate
 from launcher.loss import model_inputs
 from launcher.model import param_shape
+from launcher.model.attention import plain_backend
 
 VERIFY_TOKENS = 64  # the export check's row is cut to this many tokens: cheap even for a large model on CPU
 
@@ -34,7 +35,7 @@ def export_hf(engine: Any, tok: Any, out_dir: Path) -> Path | None:
     # The export is for inference: cache on, and a stock attention (torch_varlen is registered only by us).
     model.config.use_cache = True
     if attn not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
-        model.config._attn_implementation = "sdpa"
+        model.config._attn_implementation = plain_backend(model.config)
     try:
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     finally:
@@ -67,7 +68,9 @@ def verify_export(engine: Any, out_dir: Path, row: dict, attention: str, tol: fl
     if dist.get_rank() == 0:
         dtype = next(p.dtype for p in model.parameters())
         with ds_engine.local_construction():
-            reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, attn_implementation="sdpa")
+            reloaded = AutoModelForCausalLM.from_pretrained(
+                out_dir, dtype=dtype, attn_implementation=plain_backend(model.config)
+            )
         reloaded.eval()
         shapes = {k: param_shape(p) for k, p in model.named_parameters()}
         wrong = [k for k, p in reloaded.named_parameters() if k in shapes and tuple(p.shape) != shapes[k]]

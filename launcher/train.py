@@ -42,7 +42,7 @@ from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_
 from launcher.long_context.tiled_mlp import install_tiled_mlp
 from launcher.loss import count_targets, target_token_loss
 from launcher.metrics import build_logger
-from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
+from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape, per_layer
 from launcher.model.attention import choose_backend
 from launcher.model.families import model_type, registered_family
 
@@ -127,10 +127,10 @@ def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
     head = model_cfg.vocab_size * model_cfg.hidden_size
     body = n_params - head * (1 if getattr(model_cfg, "tie_word_embeddings", False) else 2)
     sq = sum(n * n for r in rows for n in doc_lengths(r["position_ids"]))
-    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
-    width = model_cfg.num_attention_heads * head_dim
-    # QK^T and AV: 2 matmuls x 2 FLOPs x (n^2 / 2 causal) x width per layer; x3 for forward + backward.
-    attn = 3 * 2 * 2 * (sq / 2) * width * model_cfg.num_hidden_layers
+    default = model_cfg.hidden_size // model_cfg.num_attention_heads
+    width = sum(model_cfg.num_attention_heads * (d or default) for d in per_layer(model_cfg, "head_dim"))
+    # QK^T and AV: 2 matmuls x 2 FLOPs x (n^2 / 2 causal) x width, summed over layers; x3 for forward + backward.
+    attn = 3 * 2 * 2 * (sq / 2) * width
     return 6 * body * tokens + 6 * head * targets + attn
 
 

@@ -90,7 +90,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.model import model_config
+    from launcher.model import model_config, per_layer
 
     vocab = None
     if not cfg.model.name_or_path:  # the demo model's vocabulary is its tokenizer's
@@ -104,7 +104,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head_dim = max(d or text.hidden_size // heads for d in per_layer(text, "head_dim"))  # the widest layer
     from launcher.long_context.tiled_loss import use_tiled_loss
 
     return {
@@ -114,7 +114,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
         "layers": text.num_hidden_layers,
         "hidden": text.hidden_size,
         "heads": heads,
-        "kv_dim": (getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        "kv_dim": max(kv or heads for kv in per_layer(text, "num_key_value_heads")) * head_dim,
         "intermediate": getattr(text, "intermediate_size", 4 * text.hidden_size),
         "vocab": text.vocab_size,
     }

@@ -143,6 +143,12 @@ def choose_backend(
     raise ValueError(f"model.attention=auto: no backend runs this model here ({'; '.join(skipped)})")
 
 
+def plain_backend(model_config: Any) -> str:
+    """The backend for ordinary, unpacked forwards (the export check, generation): sdpa, or eager where the model
+    has no sdpa path (Gemma 2, gpt-oss)."""
+    return resolve_backend("auto", torch.device("cpu"), model_config, torch.float32, training=False)
+
+
 def _flash_attn_importable(name: str) -> bool:
     module = "flash_attn_interface" if name == "flash_attention_3" else "flash_attn"
     return importlib.util.find_spec(module) is not None

@@ -74,6 +74,14 @@ def param_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
+def per_layer(config: Any, key: str, default: Any = None) -> list[Any]:
+    """`key` of each decoder layer: a heterogeneous config's per-layer values (Gemma 4's full-attention layers have
+    a head_dim of their own, and reading the global one raises), else the one value for every layer."""
+    if getattr(config, "is_heterogeneous", False) and key in (config.per_layer_attributes or ()):
+        return [getattr(layer, key, default) for layer in config.per_layer_config]
+    return [getattr(config, key, default)] * config.num_hidden_layers
+
+
 def embedding_rows(model: torch.nn.Module) -> int:
     """Rows of the input embedding (the model's real vocabulary size, whatever the tokenizer says)."""
     return param_shape(model.get_input_embeddings().weight)[0]
