@@ -44,7 +44,7 @@ LINEAR = dict(
     linear_num_key_heads=2,
     linear_num_value_heads=4,
 )
-TINY: dict[str, dict] = {
+FAMILY_CONFIGS: dict[str, dict] = {
     "llama3": dict(
         model_type="llama",
         rope_parameters=dict(
@@ -175,11 +175,11 @@ TINY: dict[str, dict] = {
 }
 
 
-def tiny_config(family: str, vocab_size: int = 97, **overrides):
+def family_config(family: str, vocab_size: int = 97, **overrides):
     """The family's tiny config, built by its transformers config class (`AutoConfig.for_model`)."""
     from transformers import AutoConfig
 
-    kwargs = {**BASE, **TINY[family], "vocab_size": vocab_size, **overrides}
+    kwargs = {**BASE, **FAMILY_CONFIGS[family], "vocab_size": vocab_size, **overrides}
     if kwargs["model_type"] == "gemma4_text":
         kwargs.setdefault("vocab_size_per_layer_input", vocab_size)
     return AutoConfig.for_model(**kwargs)

@@ -1,6 +1,6 @@
 """The families table (launcher/model/families.py) is what the tests measure on each family's real layer pattern.
 
-Every family's tiny config (tests/helpers.py::TINY) runs every attention backend on packed rows: sdpa, eager and
+Every family's tiny config (tests/helpers.py::FAMILY_CONFIGS) runs every attention backend on packed rows: sdpa, eager and
 flex attention as they run on CPU, torch_varlen and flash_attention_2 through transformers' own integrations with
 reference kernels in place of the CUDA ones (tests/reference_kernels.py). Packed logits are compared with each
 document run alone through transformers' own eager path (input ids only: the model's own causal, sliding-window
@@ -35,7 +35,7 @@ from launcher.model.families import (
     format_table,
 )
 from launcher.model.load import _prepare, register_backend
-from tests.helpers import TINY, tiny_config
+from tests.helpers import FAMILY_CONFIGS, family_config
 from tests.reference_kernels import reference_varlen_attn, use_reference_flash
 
 TOL = 1e-5
@@ -78,7 +78,7 @@ SHOWN_ON_GPU = {("gpt_oss", "flex_attention"): "tests/test_gpu.py::test_sinks_on
 
 
 def row(key: str):
-    return family_of(tiny_config(key))
+    return family_of(family_config(key))
 
 
 def documents(seed: int = 0) -> list[dict]:
@@ -99,7 +99,7 @@ ROWS = pack_examples(documents(), max_length=24)  # 2 rows, several documents ea
 def reference(key: str) -> tuple[dict, torch.Tensor]:
     """(the eager model's weights, each document's logits alone through transformers' eager path, in row order)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(key), attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(family_config(key), attn_implementation="eager").eval()
     outs = []
     with torch.no_grad():
         for r in ROWS:
@@ -114,7 +114,7 @@ def reference(key: str) -> tuple[dict, torch.Tensor]:
 def measure(key: str, backend: str) -> tuple[float | None, str | None]:
     """(max |packed - alone| / max |alone|, None) for the backend forced on the family, or (None, the error)."""
     state, ref = reference(key)
-    config = tiny_config(key)
+    config = family_config(key)
     try:
         if backend in VARLEN:  # built eager, then named: loading them asks for CUDA kernels
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -158,7 +158,7 @@ def device_of(backend: str) -> str:
 
 def test_every_family_has_a_row_and_a_tiny_config():
     assert sorted(ISSUE_FAMILIES) == sorted(f.name for f in FAMILIES)
-    rows = {key: row(key) for key in TINY}
+    rows = {key: row(key) for key in FAMILY_CONFIGS}
     assert all(rows.values()), {k for k, v in rows.items() if v is None}
     assert sorted(f.name for f in rows.values()) == sorted(f.name for f in FAMILIES), (
         "one tiny config per row"
@@ -167,7 +167,7 @@ def test_every_family_has_a_row_and_a_tiny_config():
 
 # ---- each backend's claim, on each family ----
 
-CASES = [(k, b) for k in TINY for b in BACKENDS]
+CASES = [(k, b) for k in FAMILY_CONFIGS for b in BACKENDS]
 
 
 @pytest.mark.parametrize("key,backend", CASES, ids=[f"{k}-{b}" for k, b in CASES])
@@ -186,7 +186,7 @@ def test_backend_claim_is_what_packing_measures(key, backend):
 
 def assert_refused(key: str, backend: str, device: str) -> None:
     """`choose_backend` refuses the named backend in one line naming the family; `auto` never picks it."""
-    family, config = row(key), tiny_config(key)
+    family, config = row(key), family_config(key)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for training in (True, False):  # training on CPU refuses flex attention first for the device's sake
         with pytest.raises(ValueError) as e:
@@ -197,7 +197,7 @@ def assert_refused(key: str, backend: str, device: str) -> None:
     assert family.name in message and family.refusal(backend, device) in message, message
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_gpu_only_claims_have_a_gpu_test(key):
     """What the CPU cannot run (sinks on flex attention) is claimed on CUDA only with a GPU test behind it."""
     family = row(key)
@@ -213,11 +213,11 @@ def test_gpu_only_claims_have_a_gpu_test(key):
 # ---- auto ----
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_auto_picks_an_exact_backend_on_cpu_and_gpu(key, monkeypatch):
     import launcher.model.attention as attention
 
-    family, config = row(key), tiny_config(key)
+    family, config = row(key), family_config(key)
     picks = {"cpu": choose_backend("auto", torch.device("cpu"), config, torch.float32)[0]}
     # sft check (forward only) decides as sft launch and the ranks do.
     assert (
@@ -243,8 +243,8 @@ def test_flex_attention_cannot_train_on_cpu_and_is_refused_there():
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         flex_attention(q, q, q)
     with pytest.raises(ValueError, match="no backward on CPU"):
-        choose_backend("flex_attention", torch.device("cpu"), tiny_config("llama3"), torch.float32)
-    assert choose_backend("flex_attention", torch.device("cpu"), tiny_config("llama3"), training=False)[0]
+        choose_backend("flex_attention", torch.device("cpu"), family_config("llama3"), torch.float32)
+    assert choose_backend("flex_attention", torch.device("cpu"), family_config("llama3"), training=False)[0]
 
 
 def test_flex_attention_on_cpu_runs_uncompiled_when_its_kernel_does_not_build(monkeypatch):
@@ -257,8 +257,8 @@ def test_flex_attention_on_cpu_runs_uncompiled_when_its_kernel_does_not_build(mo
 
     torch.manual_seed(0)
     register_backend("flex_attention")
-    flex = AutoModelForCausalLM.from_config(tiny_config("mistral"), attn_implementation="flex_attention")
-    eager = AutoModelForCausalLM.from_config(tiny_config("mistral"), attn_implementation="eager")
+    flex = AutoModelForCausalLM.from_config(family_config("mistral"), attn_implementation="flex_attention")
+    eager = AutoModelForCausalLM.from_config(family_config("mistral"), attn_implementation="eager")
     flex, eager = _prepare(flex, "flex_attention"), _prepare(eager, "eager")
     eager.load_state_dict(flex.state_dict())
     for length in (24, 31, 40):  # new shapes: dynamic-shape compiles
@@ -288,10 +288,12 @@ def same(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor]) -> bool:
 @functools.cache
 def trainable(key: str):
     torch.manual_seed(0)
-    return _prepare(AutoModelForCausalLM.from_config(tiny_config(key), attn_implementation="eager"), "eager")
+    return _prepare(
+        AutoModelForCausalLM.from_config(family_config(key), attn_implementation="eager"), "eager"
+    )
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_tiled_loss_claim(key):
     from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
 
@@ -307,7 +309,7 @@ def test_tiled_loss_claim(key):
             use_tiled_loss("true", model.config)
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_tiled_mlp_claim(key):
     from launcher.long_context.tiled_mlp import MLP_NAMES, install_tiled_mlp, is_moe_block
 
@@ -327,7 +329,7 @@ def test_tiled_mlp_claim(key):
     assert blocks and all(is_moe_block(m) for m in blocks), "refused, yet the model has a dense MLP to tile"
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_moe_claim(key):
     from launcher.long_context.tiled_mlp import is_moe_block
 
@@ -343,7 +345,7 @@ def test_moe_claim(key):
 def saved(tmp_path: Path, key: str, **overrides) -> Path:
     """A config-only checkpoint dir: what the preflight reads."""
     path = tmp_path / key
-    tiny_config(key, **overrides).save_pretrained(path)
+    family_config(key, **overrides).save_pretrained(path)
     return path
 
 
@@ -374,7 +376,7 @@ def test_the_preflight_refuses_a_named_backend_the_row_refuses(tmp_path, key, ba
     assert preflight_line(path, "model.attention=auto") is None
 
 
-@pytest.mark.parametrize("key", [k for k in TINY if row(k).packing])
+@pytest.mark.parametrize("key", [k for k in FAMILY_CONFIGS if row(k).packing])
 def test_families_that_cannot_be_packed_are_refused_with_data_pack_false(tmp_path, key):
     path = saved(tmp_path, key)
     line = preflight_line(path)
@@ -387,7 +389,7 @@ def test_llama4_rows_must_stay_below_floor_scale(tmp_path):
     with a floor of 8 under 24-token rows), and the preflight refuses data.max_length >= floor_scale."""
     key = "llama4_text"
     torch.manual_seed(0)
-    config = tiny_config(
+    config = family_config(
         key, floor_scale=8, attn_scale=1.0
     )  # a temperature large enough to see on a tiny model
     model = _prepare(AutoModelForCausalLM.from_config(config, attn_implementation="eager"), "eager").eval()
@@ -450,7 +452,7 @@ def test_the_self_check_names_the_layer_that_cannot_be_packed(key, layer):
     from launcher.evaluate import check_packing
 
     torch.manual_seed(0)
-    model = _prepare(AutoModelForCausalLM.from_config(tiny_config(key), attn_implementation="sdpa"), "sdpa")
+    model = _prepare(AutoModelForCausalLM.from_config(family_config(key), attn_implementation="sdpa"), "sdpa")
     with pytest.raises(ValueError) as e:
         check_packing(model, ROWS, "sdpa", torch.device("cpu"), tol=1e-5)
     message = str(e.value)
@@ -462,7 +464,7 @@ def test_the_self_check_names_the_layer_that_cannot_be_packed(key, layer):
 def test_code_shipped_with_a_checkpoint_is_vouched_for_by_no_row():
     from launcher.model.families import registered_family
 
-    config = tiny_config("llama3")
+    config = family_config("llama3")
     assert (
         registered_family(config, trust_remote_code=True) is not None
     )  # no auto_map: transformers' own code

@@ -14,7 +14,7 @@ import pytest
 from launcher.long_context.sequence_parallel import check_sequence_parallel
 from launcher.long_context.tiled_loss import tiled_loss_supported
 from tests.conftest import ROOT, fixture_path, torchrun
-from tests.helpers import TINY, tiny_config
+from tests.helpers import FAMILY_CONFIGS, family_config
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
@@ -33,10 +33,10 @@ def results(tmp_path_factory) -> dict[str, dict]:
 def family(key: str):
     from launcher.model.families import family_of
 
-    return family_of(tiny_config(key))
+    return family_of(family_config(key))
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_every_family_trains_under_zero3_and_exports(results, key):
     r, row = results[key], family(key)
     assert "error" not in r, r.get("error")
@@ -50,9 +50,9 @@ def test_every_family_trains_under_zero3_and_exports(results, key):
     assert t["export_check_rel"] <= 1e-4, t
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_tiled_loss_equals_untiled_or_is_refused_with_the_reason(results, key):
-    r, why = results[key], tiled_loss_supported(tiny_config(key))
+    r, why = results[key], tiled_loss_supported(family_config(key))
     if why is None:
         first, tiled = r["train"]["first_loss"], r["tiled"]["first_loss"]
         assert abs(first - tiled) <= 1e-6 * abs(first), (first, tiled)
@@ -60,17 +60,17 @@ def test_tiled_loss_equals_untiled_or_is_refused_with_the_reason(results, key):
         assert r["tiled"]["refused"] == f"train.tiled_loss=true: {why}; set train.tiled_loss=false"
 
 
-@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
 def test_sequence_parallel_is_exact_or_refused(results, key):
     sp, row = results[key]["sp"], family(key)
     exact = "error" not in sp and sp["logits_rel"] <= TOL and sp["grad_rel"] <= TOL
     if row.sequence_parallel is None:
         assert exact, sp
-        check_sequence_parallel(2, tiny_config(key))
+        check_sequence_parallel(2, family_config(key))
     else:
         assert not exact, f"{row.name} refuses sequence parallelism but it is exact: {sp}"
         with pytest.raises(ValueError, match=row.sequence_parallel):
-            check_sequence_parallel(2, tiny_config(key))
+            check_sequence_parallel(2, family_config(key))
 
 
 def test_code_shipped_with_a_checkpoint_trains_packed_only_when_the_self_check_proves_it(results):
@@ -83,4 +83,4 @@ def test_code_shipped_with_a_checkpoint_trains_packed_only_when_the_self_check_p
 
 
 def test_the_families_run_in_one_process_pair(results):
-    assert sorted(results) == sorted([*TINY, *REMOTE])
+    assert sorted(results) == sorted([*FAMILY_CONFIGS, *REMOTE])

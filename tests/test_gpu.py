@@ -141,12 +141,12 @@ def test_sinks_on_flex_attention():
     only): packed rows equal each document alone through eager attention, fp32. The families table claims flex
     attention for gpt-oss on CUDA on the strength of this test."""
     from launcher.model.load import _prepare, register_backend
-    from tests.helpers import tiny_config
+    from tests.helpers import family_config
     from tests.test_families import ROWS, reference
 
     state, ref = reference("gpt_oss")
     register_backend("flex_attention")
-    model = AutoModelForCausalLM.from_config(tiny_config("gpt_oss"), attn_implementation="flex_attention")
+    model = AutoModelForCausalLM.from_config(family_config("gpt_oss"), attn_implementation="flex_attention")
     model = _prepare(model, "flex_attention").cuda().eval()
     model.load_state_dict(state)
     with torch.no_grad():

@@ -6,7 +6,7 @@
 
 Every decision about a family reads its row: the attention backend (`launcher.model.attention.choose_backend`),
 the preflight (`launcher.launch.preflight.check_model_config`), the tiled loss, the tiled MLP and sequence
-parallelism. A row's claims are checked by running them on the family's tiny config (tests/helpers.py::TINY):
+parallelism. A row's claims are checked by running them on the family's tiny config (tests/helpers.py::FAMILY_CONFIGS):
 tests/test_families.py measures packed against per-document logits for every backend, the tiled loss and the
 tiled MLP against their untiled forms, and fails when a row claims what the measurement does not show (or refuses
 what it shows to be exact); tests/test_families_e2e.py trains every family under ZeRO-3 and checks sequence

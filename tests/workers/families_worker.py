@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/workers/families_worker.py OUT_DIR TOKENIZER [family ...]
 
-Per family (tests/helpers.py::TINY, built at the Qwen2.5 tokenizer's vocabulary and saved with save_pretrained):
+Per family (tests/helpers.py::FAMILY_CONFIGS, built at the Qwen2.5 tokenizer's vocabulary and saved with save_pretrained):
 - `train`: `sft train`'s production path (preflight.check, then launcher.train.train) with `model=hf` on the saved
   checkpoint, ZeRO-3 over the 2 ranks, 4 steps, the start-up self-check, the export and its check. A config the
   preflight refuses (packing a family that cannot be packed) is recorded and run again as the line says.
@@ -37,7 +37,7 @@ from launcher.long_context.sequence_parallel import PREFIX, SequenceParallel, _s
 from launcher.loss import target_token_loss  # noqa: E402
 from launcher.model import load_model  # noqa: E402
 from launcher.train import train  # noqa: E402
-from tests.helpers import TINY, tiny_config  # noqa: E402
+from tests.helpers import FAMILY_CONFIGS, family_config  # noqa: E402
 
 ASSETS = ROOT / "launcher" / "assets"
 
@@ -152,7 +152,7 @@ def save_checkpoint(family: str, path: Path, vocab: int) -> None:
     from transformers import AutoModelForCausalLM
 
     remote = family.startswith("remote-")
-    config = tiny_config(family.removeprefix("remote-"), vocab_size=vocab)
+    config = family_config(family.removeprefix("remote-"), vocab_size=vocab)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
@@ -240,4 +240,8 @@ def main(out: Path, tokenizer: str, families: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:] or [*TINY, "remote-llama3", "remote-qwen3_next"])
+    main(
+        Path(sys.argv[1]),
+        sys.argv[2],
+        sys.argv[3:] or [*FAMILY_CONFIGS, "remote-llama3", "remote-qwen3_next"],
+    )
