@@ -35,11 +35,10 @@ from launcher.model.families import (
     format_table,
 )
 from launcher.model.load import _prepare, register_backend
-from tests.helpers import FAMILY_CONFIGS, family_config
+from tests.helpers import FAMILY_CONFIGS, PACKED_ROWS, family_config, family_documents, family_reference
 from tests.reference_kernels import reference_varlen_attn, use_reference_flash
 
 TOL = 1e-5
-LENGTHS = [9, 13, 6, 11]  # longer than every tiny window (4, 5) and chunk (4)
 BACKENDS = ["sdpa", "eager", "flex_attention", "torch_varlen", "flash_attention_2"]
 VARLEN = ("torch_varlen", "flash_attention_2")  # measured with reference kernels; claims are for CUDA
 # The families issue #17 lists, by their rows' names.
@@ -81,39 +80,10 @@ def row(key: str):
     return family_of(family_config(key))
 
 
-def documents(seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "input_ids": torch.randint(3, 97, (n,), generator=g).tolist(),
-            "labels": torch.randint(3, 97, (n,), generator=g).tolist(),
-        }
-        for n in LENGTHS
-    ]
-
-
-ROWS = pack_examples(documents(), max_length=24)  # 2 rows, several documents each, one padded
-
-
-@functools.cache
-def reference(key: str) -> tuple[dict, torch.Tensor]:
-    """(the eager model's weights, each document's logits alone through transformers' eager path, in row order)."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(family_config(key), attn_implementation="eager").eval()
-    outs = []
-    with torch.no_grad():
-        for r in ROWS:
-            start = 0
-            for n in doc_lengths(r["position_ids"]):
-                outs.append(model(input_ids=torch.tensor([r["input_ids"][start : start + n]])).logits[0])
-                start += n
-    return model.state_dict(), torch.cat(outs)
-
-
 @functools.cache
 def measure(key: str, backend: str) -> tuple[float | None, str | None]:
     """(max |packed - alone| / max |alone|, None) for the backend forced on the family, or (None, the error)."""
-    state, ref = reference(key)
+    state, ref = family_reference(key)
     config = family_config(key)
     try:
         if backend in VARLEN:  # built eager, then named: loading them asks for CUDA kernels
@@ -125,11 +95,11 @@ def measure(key: str, backend: str) -> tuple[float | None, str | None]:
         model = _prepare(model, backend).eval()
         model.load_state_dict(state)
         with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-            logits = model(**collate(ROWS, backend)).logits
+            logits = model(**collate(PACKED_ROWS, backend)).logits
         if backend in VARLEN:  # rows laid end to end in one [1, N] row
             packed = logits[0]
         else:
-            packed = torch.cat([logits[i, : len(r["input_ids"])] for i, r in enumerate(ROWS)])
+            packed = torch.cat([logits[i, : len(r["input_ids"])] for i, r in enumerate(PACKED_ROWS)])
     except Exception as e:  # what the forced backend does on this family is the finding
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return ((packed - ref).abs().max() / ref.abs().max()).item(), None
@@ -262,7 +232,7 @@ def test_flex_attention_on_cpu_runs_uncompiled_when_its_kernel_does_not_build(mo
     flex, eager = _prepare(flex, "flex_attention"), _prepare(eager, "eager")
     eager.load_state_dict(flex.state_dict())
     for length in (24, 31, 40):  # new shapes: dynamic-shape compiles
-        rows = pack_examples(documents(length), max_length=length)
+        rows = pack_examples(family_documents(length), max_length=length)
         with torch.no_grad():
             got = flex(**collate(rows, "flex_attention")).logits
             ref = eager(**collate(rows, "eager")).logits
@@ -297,7 +267,7 @@ def trainable(key: str):
 def test_tiled_loss_claim(key):
     from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
 
-    model, batch = trainable(key), collate(ROWS, "eager")
+    model, batch = trainable(key), collate(PACKED_ROWS, "eager")
     untiled = losses_and_grads(model, target_token_loss, batch)
     tiled = losses_and_grads(model, lambda m, b: tiled_target_token_loss(m, b, n_tiles=3), batch)
     why = row(key).tiled_loss
@@ -313,7 +283,7 @@ def test_tiled_loss_claim(key):
 def test_tiled_mlp_claim(key):
     from launcher.long_context.tiled_mlp import MLP_NAMES, install_tiled_mlp, is_moe_block
 
-    model, batch = trainable(key), collate(ROWS, "eager")
+    model, batch = trainable(key), collate(PACKED_ROWS, "eager")
     why = row(key).tiled_mlp
     tiled = copy.deepcopy(model)
     if why is None:
@@ -394,8 +364,8 @@ def test_llama4_rows_must_stay_below_floor_scale(tmp_path):
     )  # a temperature large enough to see on a tiny model
     model = _prepare(AutoModelForCausalLM.from_config(config, attn_implementation="eager"), "eager").eval()
     with torch.no_grad():
-        packed = model(**collate(ROWS, "eager")).logits
-        r, start = ROWS[0], doc_lengths(ROWS[0]["position_ids"])[0]
+        packed = model(**collate(PACKED_ROWS, "eager")).logits
+        r, start = PACKED_ROWS[0], doc_lengths(PACKED_ROWS[0]["position_ids"])[0]
         n = doc_lengths(r["position_ids"])[1]
         alone = model(input_ids=torch.tensor([r["input_ids"][start : start + n]])).logits[0]
     assert (packed[0, start : start + n] - alone).abs().max() > 10 * TOL * alone.abs().max()
@@ -454,7 +424,7 @@ def test_the_self_check_names_the_layer_that_cannot_be_packed(key, layer):
     torch.manual_seed(0)
     model = _prepare(AutoModelForCausalLM.from_config(family_config(key), attn_implementation="sdpa"), "sdpa")
     with pytest.raises(ValueError) as e:
-        check_packing(model, ROWS, "sdpa", torch.device("cpu"), tol=1e-5)
+        check_packing(model, PACKED_ROWS, "sdpa", torch.device("cpu"), tol=1e-5)
     message = str(e.value)
     assert (
         "\n" not in message and f"in {layer} (model.layers.0." in message and "set data.pack=false" in message

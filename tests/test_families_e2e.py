@@ -1,5 +1,5 @@
 """Every family of the table trains end to end: `model=hf` on a tiny saved checkpoint with a real chat tokenizer,
-ZeRO-3 over 2 CPU ranks, all families in one torchrun (tests/workers/families_worker.py): 4 steps, the loss falls,
+ZeRO-3 over 2 CPU ranks, all families in one torchrun (tests/workers/families.py): 4 steps, the loss falls,
 the export reloads with the engine's logits, the tiled loss equals the untiled one where the row allows it (and is
 refused with the row's reason elsewhere), sequence parallelism (S=2) equals one rank where the row allows it and
 is shown inexact or failing where it refuses it. Code shipped with a checkpoint (a model type no row knows) trains
@@ -13,8 +13,7 @@ import pytest
 
 from launcher.long_context.sequence_parallel import check_sequence_parallel
 from launcher.long_context.tiled_loss import tiled_loss_supported
-from tests.conftest import ROOT, fixture_path, torchrun
-from tests.helpers import FAMILY_CONFIGS, family_config
+from tests.helpers import FAMILY_CONFIGS, family_config, fixture_path, torchrun, worker
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
@@ -25,7 +24,7 @@ REMOTE = ["remote-llama3", "remote-qwen3_next"]
 def results(tmp_path_factory) -> dict[str, dict]:
     tokenizer = fixture_path("tokenizers", "tinyllama-1.1b-chat-v1.0")
     out = tmp_path_factory.mktemp("families")
-    proc = torchrun(["tests/workers/families_worker.py", str(out), str(tokenizer)], 2, ROOT, timeout=900)
+    proc = torchrun([worker("families.py"), str(out), str(tokenizer)], 2, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text())
 

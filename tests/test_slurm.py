@@ -13,12 +13,14 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_resume import (  # noqa: F401 (fixtures)
-    COMMON,
+from tests.helpers import (
+    ROOT,
+    SHORT_TIMEOUT,
+    SMALL_RUN,
     assert_same_steps,
-    straight,
-    straight_run,
+    kill_rank_after_checkpoint,
+    launch,
+    ranks_running,
     train_rows,
 )
 
@@ -96,7 +98,7 @@ def test_slurm_two_node_zero3_job_trains_and_exports(two_nodes, tmp_path):
     rendezvous on the first node's address; it trains and exports a loadable Hugging Face model."""
     run_dir = tmp_path / "run"
     args = ["--time=10", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
-    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *SMALL_RUN]
     args += ["train.max_steps=2", "train.warmup_steps=1", "train.export=true", f"run_dir={run_dir}"]
     job = sbatch([*args, f"cache_dir={tmp_path / 'cache'}"], tmp_path)
     state = wait_for_job(job, 600)
@@ -115,7 +117,7 @@ def test_slurm_two_node_zero3_job_trains_and_exports(two_nodes, tmp_path):
 def test_sbatch_script_trains_with_two_tasks(cluster, tmp_path):
     run_dir = tmp_path / "run"
     cmd = ["sbatch", "--wait", "--time=10", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
-    cmd += [f"--output={tmp_path}/slurm-%j.out", "slurm/sft.sbatch", *COMMON, "train.max_steps=2"]
+    cmd += [f"--output={tmp_path}/slurm-%j.out", "slurm/sft.sbatch", *SMALL_RUN, "train.max_steps=2"]
     cmd += ["train.warmup_steps=1", f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -154,7 +156,9 @@ def test_slurm_preempt_checkpoints_requeues_and_resumes_exactly(two_nodes, tmp_p
     want, cache = straight
     args = ["--time=10", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
     args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch")]
-    overrides = [o for o in COMMON if not o.startswith("logging.wandb_mode")] + ["logging.wandb_mode=offline"]
+    overrides = [o for o in SMALL_RUN if not o.startswith("logging.wandb_mode")] + [
+        "logging.wandb_mode=offline"
+    ]
     # The default run dir (runs/slurm-<job id> under the submit dir) and the default train.resume=auto.
     job = sbatch(
         [*args, *overrides, "train.max_steps=8", "train.save_every=2", f"cache_dir={cache}"], tmp_path
@@ -199,12 +203,14 @@ def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path, how):
     import signal
     import time
 
-    from tests.test_lifecycle import SHORT_TIMEOUT, kill_rank_after_checkpoint
-    from tests.test_resume import launch, ranks_running
-
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     args = ["--time=10", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
-    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON, SHORT_TIMEOUT]
+    args += [
+        f"--output={tmp_path}/slurm-%j.out",
+        str(ROOT / "slurm" / "sft.sbatch"),
+        *SMALL_RUN,
+        SHORT_TIMEOUT,
+    ]
     args += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
     job = sbatch(args, tmp_path)
     running = lambda: job_field(job, "JobState") in ("PENDING", "RUNNING")  # noqa: E731
@@ -234,7 +240,7 @@ def test_slurm_rank_dies_ends_the_job(two_nodes, tmp_path, how):
 def test_slurm_check_plan_refuses_a_run_that_does_not_fit(cluster, tmp_path):
     """CHECK_PLAN: the job runs `sft plan --check` first and fails, before srun starts a rank, naming the gap."""
     args = ["--time=5", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
-    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *COMMON]
+    args += [f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "sft.sbatch"), *SMALL_RUN]
     job = sbatch([*args, f"run_dir={tmp_path / 'run'}"], tmp_path, {"CHECK_PLAN": "--gpu-memory-gb 0.5"})
     state = wait_for_job(job, 300)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))

@@ -4,7 +4,7 @@
     prepared.train_rows, prepared.eval_rows, prepared.report
 
 Everything here is deterministic for a seed and free of torch.distributed: the caller decides which rank
-builds the cache (see `launcher.train.build_data`).
+builds the cache (see `launcher.run.build_data`).
 """
 
 from __future__ import annotations

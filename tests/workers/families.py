@@ -1,6 +1,6 @@
 """torchrun worker for tests/test_families_e2e.py: every family of the table trains end to end, in one process pair.
 
-    torchrun --nproc_per_node 2 tests/workers/families_worker.py OUT_DIR TOKENIZER [family ...]
+    torchrun --nproc_per_node 2 tests/workers/families.py OUT_DIR TOKENIZER [family ...]
 
 Per family (tests/helpers.py::FAMILY_CONFIGS, built at the Qwen2.5 tokenizer's vocabulary and saved with save_pretrained):
 - `train`: `sft train`'s production path (preflight.check, then launcher.train.train) with `model=hf` on the saved
@@ -22,24 +22,19 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from launcher import engine as ds_engine  # noqa: E402
-from launcher.config import compose  # noqa: E402
-from launcher.data import collate, pack_examples  # noqa: E402
-from launcher.launch import preflight  # noqa: E402
-from launcher.launch.rankerrors import one_line  # noqa: E402
-from launcher.long_context.sequence_parallel import PREFIX, SequenceParallel, _sp_attention  # noqa: E402
-from launcher.loss import target_token_loss  # noqa: E402
-from launcher.model import load_model  # noqa: E402
-from launcher.train import train  # noqa: E402
-from tests.helpers import FAMILY_CONFIGS, family_config  # noqa: E402
-
-ASSETS = ROOT / "launcher" / "assets"
+from launcher import engine as ds_engine
+from launcher.config_errors import compose_config
+from launcher.data import collate, pack_examples
+from launcher.launch import preflight
+from launcher.launch.rankerrors import one_line
+from launcher.long_context.sequence_parallel import PREFIX, SequenceParallel, _sp_attention
+from launcher.loss import target_token_loss
+from launcher.model import load_model
+from launcher.train import train
+from tests.helpers import ASSETS, FAMILY_CONFIGS, family_config
 
 
 def overrides(path: Path, tokenizer: str, run_dir: Path, cache: Path, *extra: str) -> list[str]:
@@ -73,7 +68,7 @@ def overrides(path: Path, tokenizer: str, run_dir: Path, cache: Path, *extra: st
 def sft_train(args: list[str]) -> dict:
     """What `sft train` does on each rank: compose, preflight (one line on a refusal), train."""
     try:
-        cfg = compose(args)
+        cfg = compose_config(args)
         preflight.check(cfg, dist.get_world_size(), "cpu")
     except ValueError as e:
         return {"refused": one_line(e)}
