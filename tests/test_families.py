@@ -321,11 +321,12 @@ def saved(tmp_path: Path, key: str, **overrides) -> Path:
 
 def preflight_line(path: Path, *extra: str) -> str | None:
     from launcher.config import compose
-    from launcher.launch.preflight import UserError, check_model_config
+    from launcher.errors import UserError
+    from launcher.launch.preflight import check_model_config
 
     cfg = compose(["model=hf", f"model.name_or_path={path}", *extra])
     try:
-        check_model_config(cfg.model, "cpu", cfg.train.sequence_parallel_size, cfg.data, cfg.train)
+        check_model_config(cfg, "cpu")
     except UserError as e:
         assert "\n" not in str(e)
         return str(e)
