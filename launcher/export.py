@@ -46,14 +46,15 @@ def export_hf(engine: Any, tok: Any, out_dir: Path) -> Path | None:
 
 
 @torch.no_grad()
-def verify_export(engine: Any, out_dir: Path, row: dict, attention: str, tol: float) -> dict[str, float]:
+def verify_export(
+    engine: Any, out_dir: Path, row: dict, attention: str, tol: float, trust_remote_code: bool = False
+) -> dict[str, float]:
     """Reload the export on rank 0's CPU and compare its logits with the engine's on one held-out row.
 
     Catches an export that is not the trained model (shapes cut down, weights missing or untied wrongly, a
     config that disagrees with the tensors). Collective (the engine's forward gathers ZeRO-3 partitions);
     raises RuntimeError on every rank when the two differ by more than `tol` relative to the largest logit.
     """
-    from transformers import AutoModelForCausalLM
 
     n = min(len(row["input_ids"]), VERIFY_TOKENS)
     doc = {k: list(row[k][:n]) for k in ("input_ids", "labels")}
@@ -64,24 +65,22 @@ def verify_export(engine: Any, out_dir: Path, row: dict, attention: str, tol: fl
     model.eval()
     ours = model(**model_inputs(collate([doc], attention, device=device))).logits[0].float().cpu()
     model.train(was_training)
-    verdict = torch.zeros(3, dtype=torch.float64, device=device)  # [max abs diff, max |logit|, shapes differ]
+    # [max abs diff, max |logit|, shapes differ, failed to reload]: rank 0's verdict, which every rank waits for,
+    # so an export rank 0 cannot even reload is everyone's error (not rank 1 waiting forever).
+    verdict = torch.zeros(4, dtype=torch.float64, device=device)
+    failure = ""
     if dist.get_rank() == 0:
-        dtype = next(p.dtype for p in model.parameters())
-        with ds_engine.local_construction():
-            reloaded = AutoModelForCausalLM.from_pretrained(
-                out_dir, dtype=dtype, attn_implementation=plain_backend(model.config)
-            )
-        reloaded.eval()
-        shapes = {k: param_shape(p) for k, p in model.named_parameters()}
-        wrong = [k for k, p in reloaded.named_parameters() if k in shapes and tuple(p.shape) != shapes[k]]
-        theirs = reloaded(input_ids=torch.tensor([doc["input_ids"]])).logits[0].float()
-        same_width = theirs.shape == ours.shape
-        diff = (theirs - ours).abs().max().item() if same_width else float("inf")
-        verdict = torch.tensor([diff, ours.abs().max().item(), float(bool(wrong) or not same_width)])
-        verdict = verdict.to(device=device, dtype=torch.float64)
-        del reloaded
+        try:
+            verdict = _compare_reloaded(model, out_dir, doc, ours, trust_remote_code).to(device)
+        except Exception as e:
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            verdict = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
     dist.broadcast(verdict, src=0)
-    diff, scale, shapes_differ = verdict.tolist()
+    diff, scale, shapes_differ, failed = verdict.tolist()
+    if failed:
+        raise RuntimeError(
+            f"export check failed: {out_dir} does not reload with from_pretrained ({failure or 'rank 0'})"
+        )
     rel = diff / max(scale, 1e-6)
     if shapes_differ or rel > tol:
         raise RuntimeError(
@@ -91,3 +90,28 @@ def verify_export(engine: Any, out_dir: Path, row: dict, attention: str, tol: fl
             + "; the export is not the trained model"
         )
     return {"export_check_max_abs_diff": diff, "export_check_rel": rel}
+
+
+def _compare_reloaded(
+    model: Any, out_dir: Path, doc: dict, ours: torch.Tensor, trust_remote_code: bool
+) -> torch.Tensor:
+    """[max |reloaded - ours|, max |ours|, shapes differ, 0] for the export reloaded on this process's CPU."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(p.dtype for p in model.parameters())
+    with ds_engine.local_construction():
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            out_dir,
+            dtype=dtype,
+            attn_implementation=plain_backend(model.config),
+            trust_remote_code=trust_remote_code,  # code shipped with the checkpoint is saved with the export
+        )
+    reloaded.eval()
+    shapes = {k: param_shape(p) for k, p in model.named_parameters()}
+    wrong = [k for k, p in reloaded.named_parameters() if k in shapes and tuple(p.shape) != shapes[k]]
+    theirs = reloaded(input_ids=torch.tensor([doc["input_ids"]])).logits[0].float()
+    same_width = theirs.shape == ours.shape
+    diff = (theirs - ours).abs().max().item() if same_width else float("inf")
+    return torch.tensor(
+        [diff, ours.abs().max().item(), float(bool(wrong) or not same_width), 0.0], dtype=torch.float64
+    )

@@ -217,7 +217,16 @@ def finish(run: Run, results: dict[str, Any], start_step: int) -> dict[str, Any]
         if t.verify_export:
             row = (run.data.eval_rows or run.data.train_rows)[0]
             export_dir = run.run_dir / "export"
-            results.update(verify_export(run.engine, export_dir, row, run.attention, run.precision.tol))
+            results.update(
+                verify_export(
+                    run.engine,
+                    export_dir,
+                    row,
+                    run.attention,
+                    run.precision.tol,
+                    run.cfg.model.trust_remote_code,
+                )
+            )
             run.say(f"export check: {export_dir} reloads with the engine's logits")
     if t.exact_match_eval:
         results["accuracy_after"] = accuracy(run)

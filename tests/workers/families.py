@@ -209,12 +209,11 @@ def main(out: Path, tokenizer: str, families: list[str]) -> None:
             r["tiled"] = {k: v for k, v in tiled.items() if isinstance(v, (int, float, str))}
         except StopIteration:
             pass
-        except ValueError as e:  # a user's error on the ranks: `sft train` prints this one line
+        except ValueError as e:  # a user's error, raised on every rank: `sft train` prints this one line
             r["error"] = one_line(e)
-        except Exception as e:
-            r["error"] = one_line(e)
-            if info.rank == 0:
-                traceback.print_exc()
+        except Exception:  # a bug: the ranks may no longer agree on the next collective, so stop here
+            traceback.print_exc()
+            raise
         try:
             from transformers import AutoConfig
 
