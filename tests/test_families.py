@@ -304,9 +304,12 @@ def test_moe_claim(key):
     from launcher.long_context.tiled_mlp import is_moe_block
 
     family, model = row(key), trainable(key)
-    assert (family.moe is not None) == any(is_moe_block(m) for m in model.modules()), family.name
-    if family.moe is not None and family.moe.aux_loss:
-        assert hasattr(model.config, family.moe.aux_loss), (family.name, family.moe.aux_loss)
+    blocks = {type(m).__name__ for m in model.modules() if is_moe_block(m) and hasattr(m, "experts")}
+    assert (family.moe is not None) == bool(blocks), family.name
+    if family.moe is not None:
+        assert blocks == {family.moe.block}, (family.name, blocks)
+        for key_name in (family.moe.coef_key, family.moe.z_loss_coef_key):
+            assert key_name is None or hasattr(model.config, key_name), (family.name, key_name)
 
 
 # ---- refusals before any rank starts ----

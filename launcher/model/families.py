@@ -30,14 +30,24 @@ AUTO_ORDER = {
 FLASH = ("flash_attention_2", "flash_attention_3")  # one integration in transformers; refused together
 
 
+LOAD_BALANCING = "load_balancing"  # transformers' load_balancing_loss_func (the Switch Transformer loss)
+SWITCH = "the Switch load-balancing loss over softmax router probabilities"
+
+
 @dataclasses.dataclass(frozen=True)
 class MoE:
-    """A mixture-of-experts family's router: what auxiliary losses its config defines."""
+    """A mixture-of-experts family's router (the fields of the MoE work's `MoeFamily`, launcher/model/moe.py)."""
 
-    aux_loss: str | None = "router_aux_loss_coef"
-    """The config key of the load-balancing loss coefficient; None when the family balances without one."""
-    z_loss: str | None = None
-    """The config key of the router z-loss coefficient, where the family has one."""
+    block: str
+    """Class of the sparse MoE block (router + experts [+ shared experts]): the unit ZeRO-3 may gather whole."""
+    aux_loss: str | None = LOAD_BALANCING
+    """`load_balancing` when transformers adds the router's load-balancing loss; None when it adds none."""
+    coef_key: str | None = "router_aux_loss_coef"
+    """Config key of the auxiliary loss coefficient."""
+    z_loss_coef_key: str | None = None
+    """Config key of a router z-loss coefficient (no family here has one in transformers 5.23)."""
+    bias_balanced: bool = False
+    """Balanced without an auxiliary loss, by a per-expert bias on the top-k choice (DeepSeek-V3's scheme)."""
     note: str = ""
     """How its router balances (one line)."""
 
@@ -111,13 +121,18 @@ FAMILIES: tuple[Family, ...] = (
         },
         sequence_parallel="chunked-attention layers: the sequence-parallel wrapper rebuilds only document and "
         "sliding-window masks",
-        moe=MoE(note="top-1 routing with a shared expert; dense and MoE layers interleave"),
+        moe=MoE(
+            "Llama4TextMoe",
+            None,
+            None,
+            note="transformers computes no auxiliary loss for Llama 4 (sigmoid top-1 router, shared expert)",
+        ),
         limit=_llama4_limit,
         notes="chunked layers get document-relative chunks; rows must stay below floor_scale (8192) tokens",
     ),
     Family("Qwen2 / Qwen2.5", ("qwen2",)),
     Family("Qwen3", ("qwen3",)),
-    Family("Qwen3-MoE", ("qwen3_moe",), tiled_mlp=ALL_MOE, moe=MoE()),
+    Family("Qwen3-MoE", ("qwen3_moe",), tiled_mlp=ALL_MOE, moe=MoE("Qwen3MoeSparseMoeBlock", note=SWITCH)),
     Family(
         "Qwen3.5 (dense, text)",
         ("qwen3_5_text",),
@@ -132,7 +147,7 @@ FAMILIES: tuple[Family, ...] = (
         refused=_refuse("flex_attention", "transformers has no flex_attention path for it"),
         sequence_parallel="linear-attention layers are not sequence-parallel",
         tiled_mlp=ALL_MOE,
-        moe=MoE(),
+        moe=MoE("Qwen3_5MoeSparseMoeBlock", note=SWITCH),
     ),
     Family(
         "Qwen3-Next",
@@ -141,10 +156,10 @@ FAMILIES: tuple[Family, ...] = (
         refused=_refuse("flex_attention", "transformers has no flex_attention path for it"),
         sequence_parallel="linear-attention layers are not sequence-parallel",
         tiled_mlp=ALL_MOE,
-        moe=MoE(),
+        moe=MoE("Qwen3NextSparseMoeBlock", note=SWITCH),
     ),
     Family("Mistral", ("mistral",)),
-    Family("Mixtral", ("mixtral",), tiled_mlp=ALL_MOE, moe=MoE()),
+    Family("Mixtral", ("mixtral",), tiled_mlp=ALL_MOE, moe=MoE("MixtralSparseMoeBlock", note=SWITCH)),
     Family(
         "Gemma 2",
         ("gemma2",),
@@ -167,19 +182,37 @@ FAMILIES: tuple[Family, ...] = (
             "return on CPU",
         },
         tiled_mlp=ALL_MOE,
-        moe=MoE(),
+        moe=MoE("GptOssMLP", note=SWITCH),
     ),
     Family(
-        "DeepSeek-V3", ("deepseek_v3",), moe=MoE(aux_loss=None, note="auxiliary-loss-free (bias) balancing")
+        "DeepSeek-V3",
+        ("deepseek_v3",),
+        moe=MoE(
+            "DeepseekV3MoE",
+            None,
+            None,
+            bias_balanced=True,
+            note="auxiliary-loss-free balancing: a per-expert bias on the top-k choice",
+        ),
     ),
     Family("GLM-4", ("glm4",)),
-    Family("GLM-4-MoE", ("glm4_moe",), moe=MoE(aux_loss=None, note="auxiliary-loss-free (bias) balancing")),
+    Family(
+        "GLM-4-MoE",
+        ("glm4_moe",),
+        moe=MoE(
+            "Glm4MoeMoE",
+            None,
+            None,
+            bias_balanced=True,
+            note="auxiliary-loss-free balancing: a per-expert bias on the top-k choice",
+        ),
+    ),
     Family("Phi-3 / Phi-4-mini", ("phi3",)),
     Family(
         "Phi-MoE",
         ("phimoe",),
         tiled_mlp=ALL_MOE,
-        moe=MoE(note="sparsemixer routing with jitter noise"),
+        moe=MoE("PhimoeSparseMoeBlock", note=SWITCH + " (SparseMixer routing, with jitter while training)"),
         notes="transformers applies PhiMoE's sliding_window on mask backends only (released: 131072, no effect)",
     ),
     Family("OLMo-2", ("olmo2",)),
@@ -189,7 +222,9 @@ FAMILIES: tuple[Family, ...] = (
         ("olmoe",),
         refused=_refuse("flex_attention", "transformers has no flex_attention path for it"),
         tiled_mlp=ALL_MOE,
-        moe=MoE(),
+        moe=MoE(
+            "OlmoeSparseMoeBlock", note=SWITCH + " (its pretraining's router z-loss is not in transformers)"
+        ),
     ),
     Family(
         "Granite",
@@ -204,8 +239,17 @@ FAMILIES: tuple[Family, ...] = (
         refused=_refuse("flex_attention", "its conv layers cannot take a flex BlockMask"),
         sequence_parallel="convolution layers are not sequence-parallel",
     ),
-    Family("MiniMax-M2", ("minimax_m2",), tiled_mlp=ALL_MOE, moe=MoE()),
-    Family("ERNIE-4.5-MoE", ("ernie4_5_moe",), moe=MoE()),
+    Family(
+        "MiniMax-M2",
+        ("minimax_m2",),
+        tiled_mlp=ALL_MOE,
+        moe=MoE("MiniMaxM2SparseMoeBlock", note=SWITCH + " (sigmoid routing with a correction bias)"),
+    ),
+    Family(
+        "ERNIE-4.5-MoE",
+        ("ernie4_5_moe",),
+        moe=MoE("Ernie4_5_MoeSparseMoeBlock", note=SWITCH + " (routing with a correction bias)"),
+    ),
 )
 
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
@@ -277,8 +321,9 @@ def _cell_backend(family: Family, backend: str) -> str:
 def _moe_cell(moe: MoE | None) -> str:
     if moe is None:
         return "dense"
-    losses = [k for k in (moe.aux_loss, moe.z_loss) if k]
-    return ", ".join(losses) if losses else "none (aux-loss-free)"
+    if moe.aux_loss is None:
+        return "none (aux-loss-free bias)" if moe.bias_balanced else "none in transformers"
+    return f"load balancing ({', '.join(k for k in (moe.coef_key, moe.z_loss_coef_key) if k)})"
 
 
 def _notes(family: Family) -> str:
@@ -289,7 +334,8 @@ def _notes(family: Family) -> str:
     parts += [f"SP: {family.sequence_parallel}"] if family.sequence_parallel else []
     parts += [f"tiled loss: {family.tiled_loss}"] if family.tiled_loss else []
     parts += [f"tiled MLP: {family.tiled_mlp}"] if family.tiled_mlp else []
-    parts += [family.moe.note] if family.moe and family.moe.note else []
+    moe_note = family.moe.note.removeprefix(SWITCH).strip(" ()") if family.moe else ""
+    parts += [moe_note] if moe_note else []
     parts += [family.notes] if family.notes else []
     return "; ".join(parts).replace("|", "/")
 
