@@ -281,7 +281,7 @@ def registered_family(config: Any, trust_remote_code: bool = False) -> Family | 
 def device_refusal(backend: str, device_type: str, training: bool = True) -> str | None:
     """Why `backend` cannot run on `device_type` at all, whatever the family (None: it can)."""
     if device_type != "cuda" and backend not in CPU_BACKENDS:
-        return f"{backend} needs CUDA"
+        return "it needs CUDA (the varlen kernels are CUDA-only)"
     if device_type == "cpu" and backend == "flex_attention" and training:
         return "torch's flex attention has no backward on CPU (it runs there for `sft check` only)"
     return None
