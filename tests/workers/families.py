@@ -6,8 +6,9 @@ Per family (tests/helpers.py::FAMILY_CONFIGS, built at the Qwen2.5 tokenizer's v
 - `train`: `sft train`'s production path (preflight.check, then launcher.train.train) with `model=hf` on the saved
   checkpoint, ZeRO-3 over the 2 ranks, 4 steps, the start-up self-check, the export and its check. A config the
   preflight refuses (packing a family that cannot be packed) is recorded and run again as the line says.
-- `tiled`: the same run's first step with `train.tiled_loss=true`: its loss must equal the untiled one, or the
-  preflight refuses it with the row's reason.
+- `tiled`: the same run's first step with `train.tiled_loss=true` (and the same start-up, so a router that draws
+  noise while training, Phi-MoE's, draws the same): its loss must equal the untiled one, or the preflight refuses
+  it with the row's reason.
 - `sp`: sequence parallelism (S=2) on a plain copy of the model on each rank: whole-row logits and the gradients
   of the summed loss against the same model without SP. Run whether the row allows it or not (refused rows must
   show why).
@@ -202,7 +203,6 @@ def main(out: Path, tokenizer: str, families: list[str]) -> None:
                     "train.tiled_loss=true",
                     "train.max_steps=1",
                     "train.export=false",
-                    "train.check_packing=false",
                     *(["data.pack=false"] if "train_refused" in r else []),
                 )
             )
