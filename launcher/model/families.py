@@ -1,13 +1,13 @@
 """The model families this launcher trains, and what each supports: one table, proven by tests.
 
     family = family_of(model_config)            # the row of a transformers config (None: not in the table)
-    why = refusal(family, "sdpa", "cpu")        # None when the backend keeps packed documents exact here
+    why = family.refusal("sdpa", "cpu")         # None when the backend keeps packed documents exact here
     print(format_table())                       # `sft models`; the README's table is this text
 
 Every decision about a family reads its row: the attention backend (`launcher.model.attention.choose_backend`),
-the preflight (`launcher.launch.preflight.check_model_config`), the tiled loss, the tiled MLP and sequence
-parallelism. A row's claims are checked by running them on the family's tiny config (tests/helpers.py::FAMILY_CONFIGS):
-tests/test_families.py measures packed against per-document logits for every backend, the tiled loss and the
+the run's decisions (`launcher.run.decide`, which the preflight and `sft check` call too), the tiled loss, the tiled
+MLP and sequence parallelism. A row's claims are checked by running them on the family's tiny config
+(tests/helpers.py::FAMILY_CONFIGS): tests/test_families.py measures packed against per-document logits for every backend, the tiled loss and the
 tiled MLP against their untiled forms, and fails when a row claims what the measurement does not show (or refuses
 what it shows to be exact); tests/test_families_e2e.py trains every family under ZeRO-3 and checks sequence
 parallelism. A model type not in the table trains only when the start-up self-check proves packing exact on it.
