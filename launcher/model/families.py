@@ -7,10 +7,10 @@
 Every decision about a family reads its row: the attention backend (`launcher.model.attention.choose_backend`),
 the run's decisions (`launcher.run.decide`, which the preflight and `sft check` call too), the tiled loss, the tiled
 MLP and sequence parallelism. A row's claims are checked by running them on the family's tiny config
-(tests/helpers.py::FAMILY_CONFIGS): tests/test_families.py measures packed against per-document logits for every backend, the tiled loss and the
-tiled MLP against their untiled forms, and fails when a row claims what the measurement does not show (or refuses
-what it shows to be exact); tests/test_families_e2e.py trains every family under ZeRO-3 and checks sequence
-parallelism. A model type not in the table trains only when the start-up self-check proves packing exact on it.
+(tests/helpers.py::FAMILY_CONFIGS): tests/test_families.py measures packed against per-document logits for
+every backend, the tiled loss and the tiled MLP against their untiled forms, and fails when a row claims what the
+measurement does not show (or refuses what it shows to be exact); tests/test_families_e2e.py trains every family
+under ZeRO-3 and checks sequence parallelism. A model type not in the table trains only when the start-up self-check proves packing exact on it.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def _llama4_limit(config: Any, max_length: int) -> str | None:
 
 
 SINKS = "attention sinks (s_aux): the varlen kernels do not apply them (flash-attn 2 drops them silently)"
-LINEAR_ATTENTION = "Gated DeltaNet's recurrent state and its short convolution run across packed documents: set data.pack=false"
+LINEAR_ATTENTION = (
+    "Gated DeltaNet's state and its short convolution run across packed documents: set data.pack=false"
+)
 ALL_MOE = "every layer's feed-forward block is a mixture of experts, which the tiled MLP leaves untiled"
 CONV = "the short convolutions of its conv layers run across packed documents: set data.pack=false"
 

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/workers/families.py OUT_DIR TOKENIZER [family ...]
 
-Per family (tests/helpers.py::FAMILY_CONFIGS, built at the Qwen2.5 tokenizer's vocabulary and saved with save_pretrained):
+Per family (tests/helpers.py::FAMILY_CONFIGS, built at the tokenizer's vocabulary and saved with save_pretrained):
 - `train`: `sft train`'s production path (preflight.check, then launcher.train.train) with `model=hf` on the saved
   checkpoint, ZeRO-3 over the 2 ranks, 4 steps, the start-up self-check, the export and its check. A config the
   preflight refuses (packing a family that cannot be packed) is recorded and run again as the line says.
