@@ -1,8 +1,8 @@
 """The families table (launcher/model/families.py) is what the tests measure on each family's real layer pattern.
 
 Every family's tiny config (tests/helpers.py::FAMILY_CONFIGS) runs every attention backend on packed rows: sdpa,
-eager and flex attention as they run on CPU, torch_varlen and flash_attention_2 through transformers' own integrations with
-reference kernels in place of the CUDA ones (tests/reference_kernels.py). Packed logits are compared with each
+eager and flex attention as they run on CPU, torch_varlen and flash_attention_2 through transformers' own
+integrations with reference kernels in place of the CUDA ones (tests/reference_kernels.py). Packed logits are compared with each
 document run alone through transformers' own eager path (input ids only: the model's own causal, sliding-window
 and chunked masks). A row's claims must match: an exact backend within 1e-5 (relative to the largest logit, fp32),
 a refused one refused by `choose_backend` and the preflight in one line, never picked by `auto`, and shown not

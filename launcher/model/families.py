@@ -10,7 +10,8 @@ MLP and sequence parallelism. A row's claims are checked by running them on the 
 (tests/helpers.py::FAMILY_CONFIGS): tests/test_families.py measures packed against per-document logits for
 every backend, the tiled loss and the tiled MLP against their untiled forms, and fails when a row claims what the
 measurement does not show (or refuses what it shows to be exact); tests/test_families_e2e.py trains every family
-under ZeRO-3 and checks sequence parallelism. A model type not in the table trains only when the start-up self-check proves packing exact on it.
+under ZeRO-3 and checks sequence parallelism. A model type not in the table trains packed only when the start-up
+self-check proves packing exact on it.
 """
 
 from __future__ import annotations
