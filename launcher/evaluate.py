@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from launcher.data.loader import collate
 from launcher.data.packing import doc_lengths
-from launcher.loss import final_hidden_states, target_token_loss
+from launcher.loss import final_hidden_states, model_inputs, target_token_loss
+from launcher.model.attention import plain_backend
 
 
 def _shard(items: Sequence[Any], rank: int, world: int, per_batch: int) -> list[list[Any] | None]:
@@ -118,6 +119,58 @@ def packing_error(
 
 
 @torch.no_grad()
+def leaking_module(
+    model: Any, row: dict, lengths: Sequence[int], attention: str, device: torch.device, tol: float
+) -> str | None:
+    """The layer that lets documents leak into each other, as `Class (path)`, or None: on the row's second
+    document, the first module (in the order modules finish, so the innermost) whose packed output differs from
+    its output for the document alone. When its input differs too, the leak is in the code of the module around it
+    (Gated DeltaNet's recurrence runs between its projections), so that one is named. One process, whole rows."""
+    seen: dict[str, list] = {}  # name -> [(input, output)] per forward
+    order: list[str] = []
+
+    def first_tensor(x: Any) -> torch.Tensor | None:
+        x = x[0] if isinstance(x, tuple) and x else x
+        return x.detach() if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
+
+    def keep(name: str):
+        def hook(_module, args, out):
+            if name not in seen:
+                order.append(name)
+            seen.setdefault(name, []).append((first_tensor(args), first_tensor(out)))
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    n0, n1 = lengths[0], lengths[1]
+    second = {k: row[k][n0 : n0 + n1] for k in ("input_ids", "labels")}
+    try:
+        model(**model_inputs(collate([row], attention, device=device)))
+        packed = {n: v[0] for n, v in seen.items()}
+        seen.clear()
+        model(
+            **model_inputs(collate([{**second, "position_ids": list(range(n1))}], attention, device=device))
+        )
+        alone = {n: v[0] for n, v in seen.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def differs(a: torch.Tensor | None, b: torch.Tensor | None) -> bool | None:
+        if a is None or b is None or a.shape[1] != len(row["input_ids"]) or b.shape[1] != n1:
+            return None  # not a [B, T, ...] tensor (e.g. channels first)
+        a, b = a[0, n0 : n0 + n1].float(), b[0].float()
+        return (a - b).abs().max().item() > tol * max(b.abs().max().item(), 1e-6)
+
+    for name in order:
+        if name in packed and name in alone and differs(packed[name][1], alone[name][1]):
+            if differs(packed[name][0], alone[name][0]) and "." in name:
+                name = name.rsplit(".", 1)[0]
+            return f"{type(model.get_submodule(name)).__name__} ({name})"
+    return None
+
+
+@torch.no_grad()
 def check_packing(
     model: Any, rows: Sequence[dict], attention: str, device: torch.device, tol: float, sp: Any = None
 ) -> dict:
@@ -135,11 +188,13 @@ def check_packing(
     if rel > tol:
         worst = "hidden" if err["hidden_rel"] >= err["logits_rel"] else "logits"
         what = "final hidden states" if worst == "hidden" else "logits"
+        where = leaking_module(model, row, lengths, attention, device, tol)
         raise ValueError(
             f"packing self-check failed for attention={attention}: packed {what} differ from per-document "
             f"{what} by {err[worst + '_max_abs_diff']:.3g} (relative {rel:.3g} > {tol}); documents are leaking "
-            "into each other. Use another model.attention or report this model/backend pair "
-            "(train.check_packing=false skips)."
+            "into each other"
+            + (f" in {where}, which cannot be packed: set data.pack=false" if where else "")
+            + ". Use another model.attention or report this model/backend pair (train.check_packing=false skips)."
         )
     return {
         "packing_check_max_abs_diff": err["hidden_max_abs_diff"],
@@ -166,7 +221,7 @@ def exact_match(
         return float("nan")
     previous = model.config._attn_implementation
     if previous not in ("sdpa", "eager"):
-        model.set_attn_implementation("sdpa")  # generation uses ordinary padded batches, not packed ones
+        model.set_attn_implementation(plain_backend(model.config))  # generation: padded batches, not packed
     model.eval()
     stop = [tok.eos_token_id] + [
         tok.convert_tokens_to_ids(t) for t in ("<|im_end|>",) if t in tok.get_vocab()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
+from launcher.model.attention import decoder_of
 
 LOSS_ONLY = ("labels", "shift_labels", "token_mask")  # what a batch carries for the loss, not for the model
 
@@ -30,7 +31,7 @@ def final_hidden_states(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     (`logits_to_keep` is empty): what a whole-row pass compares or tiles without [T, vocab] logits."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     captured: list[torch.Tensor] = []
-    hook = inner.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    hook = decoder_of(inner).register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
     try:
         nothing = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
         model(**model_inputs(batch), logits_to_keep=nothing)

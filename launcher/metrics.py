@@ -21,6 +21,7 @@ import torch
 
 from launcher.data.packing import doc_lengths
 from launcher.loss import count_targets
+from launcher.model.load import per_layer
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,11 @@ def step_flops(model_cfg: Any, n_params: int, rows: list[dict]) -> float:
     head = model_cfg.vocab_size * model_cfg.hidden_size
     body = n_params - head * (1 if getattr(model_cfg, "tie_word_embeddings", False) else 2)
     sq = sum(n * n for r in rows for n in doc_lengths(r["position_ids"]))
-    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
-    width = model_cfg.num_attention_heads * head_dim
-    # QK^T and AV: 2 matmuls x 2 FLOPs x (n^2 / 2 causal) x width per layer; x3 for forward + backward.
-    attn = 3 * 2 * 2 * (sq / 2) * width * model_cfg.num_hidden_layers
+    default = model_cfg.hidden_size // model_cfg.num_attention_heads
+    width = sum(model_cfg.num_attention_heads * (d or default) for d in per_layer(model_cfg, "head_dim"))
+    # QK^T and AV: 2 matmuls x 2 FLOPs x (n^2 / 2 causal) x width, summed over layers (Gemma 4's differ); x3 for
+    # forward + backward.
+    attn = 3 * 2 * 2 * (sq / 2) * width
     return 6 * body * tokens + 6 * head * targets + attn
 
 

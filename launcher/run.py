@@ -33,11 +33,12 @@ from launcher.evaluate import eval_loss
 from launcher.long_context.offload import CheckpointOffload, enable_checkpointing
 from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
-from launcher.long_context.tiled_mlp import install_tiled_mlp
+from launcher.long_context.tiled_mlp import install_tiled_mlp, tiled_mlp_supported
 from launcher.loss import target_token_loss
 from launcher.metrics import NullLogger, PeakMemory, build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
 from launcher.model.attention import choose_backend
+from launcher.model.families import registered_family
 from launcher.model.moe import RouterAux, router_aux_decision, separately_called_expert_blocks
 from launcher.optim import build_optimizer, warmup_steps
 from launcher.precision import Precision, resolve_precision
@@ -195,13 +196,28 @@ class Choice:
     router_aux_why: str | None = None  # what was decided about it and why (None for a dense model)
 
 
-def decide(cfg: DictConfig, device: torch.device, config: Any) -> Choice:
+def decide(cfg: DictConfig, device: torch.device, config: Any, training: bool = True) -> Choice:
     """Precision, attention backend, tiled loss and an MoE router's auxiliary loss for this model on this device
-    (ValueError, one line, when a setting cannot run here)."""
+    (ValueError, one line, when a setting cannot run here), within what the model's family row proves
+    (`launcher.model.families`): packed rows, the tiled loss and the tiled MLP it refuses are refused here.
+    `training=False`: `sft check`'s forward only."""
     precision = resolve_precision(cfg.model.dtype.value, device)
-    attention, why = choose_backend(cfg.model.attention.value, device, config, precision.dtype)
+    attention, why = choose_backend(cfg.model.attention.value, device, config, precision.dtype, training)
+    check_family(cfg, config)
     aux, aux_why = router_aux_decision(cfg.train.router_aux_loss, config)
     return Choice(precision, attention, why, use_tiled_loss(cfg.train.tiled_loss, config), aux, aux_why)
+
+
+def check_family(cfg: DictConfig, config: Any) -> None:
+    """ValueError (one line) when the model's family row refuses what the run asks: packed rows (`data.pack`,
+    `data.max_length`) or the tiled MLP (`train.tiled_mlp`; the tiled loss is `use_tiled_loss`'s)."""
+    family = registered_family(config, cfg.model.trust_remote_code)
+    if family is not None and cfg.data.pack and (why := family.packing_refusal(config, cfg.data.max_length)):
+        raise ValueError(
+            f"data.pack=true: {family.name} cannot be packed exactly: {why}; set data.pack=false"
+        )
+    if cfg.train.tiled_mlp and (why := tiled_mlp_supported(config)):
+        raise ValueError(f"train.tiled_mlp=true: {why}; set train.tiled_mlp=false")
 
 
 @dataclass

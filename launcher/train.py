@@ -26,6 +26,7 @@ from launcher.export import export_hf, verify_export
 from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.loss import count_targets, target_token_loss
 from launcher.metrics import peak_flops, step_flops
+from launcher.model.families import model_type, registered_family
 from launcher.run import Run, build_run
 from launcher.stop import Preempted
 
@@ -145,7 +146,16 @@ def before_training(run: Run) -> dict[str, Any]:
     else:
         run.say("starting at step 0")
     setup_peak = run.memory.take()
-    if t.check_packing:
+    # A model type not in the families table (or code shipped with the checkpoint) trains packed only when the
+    # self-check proves packing exact on it, whatever train.check_packing says.
+    unproven = (
+        run.cfg.data.pack and registered_family(run.model.config, run.cfg.model.trust_remote_code) is None
+    )
+    if unproven and not t.check_packing:
+        run.say(
+            f"model type {model_type(run.model.config)!r} is not in `sft models`: the packing self-check runs"
+        )
+    if t.check_packing or unproven:
         rows = run.data.train_rows
         check = check_packing(run.engine.module, rows, run.attention, run.device, run.precision.tol, run.sp)
         check["peak_mem_gb_packing_check"] = most_over_ranks(run.memory.take(), run.device)
@@ -250,7 +260,16 @@ def finish(run: Run, results: dict[str, Any], start_step: int) -> dict[str, Any]
         if t.verify_export:
             row = (run.data.eval_rows or run.data.train_rows)[0]
             export_dir = run.run_dir / "export"
-            results.update(verify_export(run.engine, export_dir, row, run.attention, run.precision.tol))
+            results.update(
+                verify_export(
+                    run.engine,
+                    export_dir,
+                    row,
+                    run.attention,
+                    run.precision.tol,
+                    run.cfg.model.trust_remote_code,
+                )
+            )
             run.say(f"export check: {export_dir} reloads with the engine's hidden states and logits")
     if t.exact_match_eval:
         results["accuracy_after"] = accuracy(run)

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 
 def reference_varlen_attn(
-    q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+    q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, softcap=0.0
 ):
     """PyTorch's `varlen_attn` contract, computed per document with plain math (the kernel itself is CUDA-only).
 
     q/k/v are [N, H, D] over documents laid end to end at `cu_q`; window_size=(left, right) as documented:
-    (-1, 0) is causal, (W, 0) is causal with each query seeing itself and the W keys before it.
+    (-1, 0) is causal, (W, 0) is causal with each query seeing itself and the W keys before it. `softcap` is
+    flash-attn's (scores -> softcap * tanh(scores / softcap)); PyTorch's kernel has none.
     """
     assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
     assert q.dtype == k.dtype == v.dtype, "the kernel takes one dtype for q, k and v"
@@ -35,6 +36,8 @@ def reference_varlen_attn(
         if left >= 0:
             allowed &= i[None, :] >= i[:, None] - left
         scores = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * (scale or q.shape[-1] ** -0.5)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         out[a:b] = torch.einsum("hqk,khd->qhd", probs, v[a:b])
     return out
@@ -57,7 +60,7 @@ def reference_flash_varlen(
 ):
     """flash-attn's `flash_attn_varlen_func` contract (the argument names transformers' flash integration passes),
     computed by `reference_varlen_attn`: so transformers' own flash path runs on CPU, with a plain-math kernel."""
-    assert dropout_p == 0.0 and not softcap, "not applied by the reference"
+    assert dropout_p == 0.0, "not applied by the reference"
     left, right = window_size
     if causal:
         right = 0
@@ -74,6 +77,7 @@ def reference_flash_varlen(
         scale=softmax_scale,
         window_size=(left, right),
         enable_gqa=k.shape[1] != q.shape[1],
+        softcap=softcap,
     )
 
 

@@ -299,7 +299,9 @@ CASES = [
         ["model.init", "not a multiple of the number of attention heads"],
     ),
     Case(
-        "attention_needs_cuda", ["model.attention=torch_varlen"], ["model.attention=torch_varlen needs CUDA"]
+        "attention_needs_cuda",
+        ["model.attention=torch_varlen"],
+        ["model.attention=torch_varlen is refused: it needs CUDA", "model.attention=auto picks sdpa"],
     ),
     Case(
         "rank_bad_deepspeed_json",

@@ -151,3 +151,21 @@ def test_sequence_parallel_on_two_gpus_trains_like_s1(tmp_path):
     assert len(losses[1]) == len(losses[2]) == 10
     for a, b in zip(losses[1], losses[2], strict=True):
         assert abs(a - b) <= 2e-2 * abs(a), losses
+
+
+def test_sinks_on_flex_attention():
+    """gpt-oss's attention sinks on flex attention (the log-sum-exp renormalisation transformers applies on CUDA
+    only): packed rows equal each document alone through eager attention, fp32. The families table claims flex
+    attention for gpt-oss on CUDA on the strength of this test."""
+    from launcher.model.load import _prepare, register_backend
+    from tests.helpers import PACKED_ROWS, family_config, family_reference
+
+    state, ref = family_reference("gpt_oss")
+    register_backend("flex_attention")
+    model = AutoModelForCausalLM.from_config(family_config("gpt_oss"), attn_implementation="flex_attention")
+    model = _prepare(model, "flex_attention").cuda().eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        logits = model(**collate(PACKED_ROWS, "flex_attention", device="cuda")).logits.cpu()
+    packed = torch.cat([logits[i, : len(r["input_ids"])] for i, r in enumerate(PACKED_ROWS)])
+    assert (packed - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -164,7 +164,7 @@ def test_router_aux_setting(moe_dirs, tmp_path):
         output_router_logits=True,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(outside).save_pretrained(tmp_path / "outside")
-    with pytest.raises(ValueError, match="not in the MoE table.*train.router_aux_loss=false"):
+    with pytest.raises(ValueError, match="not in the MoE rows.*train.router_aux_loss=false"):
         router_aux(load_model(str(tmp_path / "outside"), "sdpa"), "auto")
     dense = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32,
                                  num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
@@ -186,7 +186,7 @@ def test_preflight_refuses_an_unknown_moe_asking_for_router_logits():
     )
     tokenizer = ROOT / "launcher" / "assets" / "tokenizer"
     cfg = compose(cfg_overrides(init, tokenizer))
-    with pytest.raises(UserError, match="granitemoe is not in the MoE table.*train.router_aux_loss=false"):
+    with pytest.raises(UserError, match="granitemoe is not in the MoE rows.*train.router_aux_loss=false"):
         check_model_config(cfg, "cpu")
     check_model_config(compose([*cfg_overrides(init, tokenizer), "train.router_aux_loss=false"]), "cpu")
 

@@ -58,7 +58,7 @@ def test_tiled_loss_setting():
     assert use_tiled_loss("True", small) and not use_tiled_loss("false", large)
     capped = AutoConfig.for_model("gemma2", **{**TINY, "vocab_size": 256_000, "head_dim": 8})
     assert not use_tiled_loss("auto", capped)  # soft-capped logits: the head is not a plain projection
-    with pytest.raises(ValueError, match="train.tiled_loss=true: gemma2 post-processes its logits"):
+    with pytest.raises(ValueError, match="train.tiled_loss=true: Gemma 2 soft-caps its logits"):
         use_tiled_loss("true", capped)
 
 

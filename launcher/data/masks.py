@@ -4,6 +4,7 @@
     mask = document_block_mask(position_ids)              # flex_attention: a BlockMask
     cu, longest = cu_seq_lens(position_ids)               # varlen kernels: boundaries of the flattened batch
     mask = with_window(mask, 4096)                        # a sliding-window layer's version of either mask
+    mask = with_chunks(mask, 8192, position_ids)          # a chunked-attention layer's version (Llama 4)
 
 A new document starts wherever the position resets to 0. Pure torch, no model and no distributed state: the
 collator, the model's packing hook and sequence parallelism all build their masks here.
@@ -83,3 +84,22 @@ def with_window(mask: Any, window: int) -> Any:
     idx = torch.arange(t, device=mask.device)
     far = (idx[:, None] - idx[None, :]) >= window
     return mask.masked_fill(far, torch.finfo(mask.dtype).min)
+
+
+def with_chunks(mask: Any, chunk: int, position_ids: torch.Tensor) -> Any:
+    """`mask` (a float [B, 1, T, T] mask or a flex BlockMask) restricted to chunked attention (Llama 4): a query
+    attends only keys in its own chunk of `chunk` positions. Chunks are counted from each document's first token,
+    as the model counts them for the document alone."""
+    block = position_ids // chunk  # [B, T]
+    if type(mask).__name__ == "BlockMask":
+        from torch.nn.attention.flex_attention import and_masks, create_block_mask
+
+        def same_chunk(b, h, q, k):
+            return block[b, q] == block[b, k]
+
+        b, _, t, _ = mask.shape
+        return create_block_mask(
+            and_masks(mask.mask_mod, same_chunk), b, None, t, t, device=mask.kv_num_blocks.device
+        )
+    apart = block[:, None, :, None] != block[:, None, None, :]
+    return mask.masked_fill(apart, torch.finfo(mask.dtype).min)

@@ -133,6 +133,17 @@ COMMANDS: tuple[Command, ...] = (
         "config",
     ),
     Command(
+        "models",
+        "the model families table: which attention backends keep packed documents exact, what `auto` picks, "
+        "sequence parallelism, tiled loss and MLP, MoE",
+        "sft models",
+        "Prints the model families table (launcher/model/families.py), as Markdown: for each family, which "
+        "attention backends keep packed documents exact on CPU and GPU, what model.attention=auto picks, whether "
+        "sequence parallelism, the tiled loss and the tiled MLP apply, its MoE router's auxiliary loss, and why "
+        "anything is refused.",
+        "models",
+    ),
+    Command(
         "plan",
         "world size, batch, tokens and steps per epoch, the DeepSpeed JSON and per-GPU memory against the GPU, "
         "before any GPU hour",

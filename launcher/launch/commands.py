@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from launcher.config_errors import compose_config
-from launcher.errors import EXIT_OK, EXIT_PREEMPTED
+from launcher.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from launcher.launch import preflight
 from launcher.stop import Preempted
 
@@ -135,7 +135,9 @@ def check(args: argparse.Namespace) -> int:
     device = torch.device(_device_type())
     tok = load_tokenizer(cfg.model)
     rows = prepare_data(cfg.data, tok, cfg.model.chat_template).train_rows[:64]
-    choice = decide(cfg, device, model_config(cfg.model, len(tok)))
+    choice = decide(
+        cfg, device, model_config(cfg.model, len(tok)), training=False
+    )  # as the preflight decides
     model, _ = build_training_model(cfg, choice, len(tok), SequenceParallel(1, 0, 1), device)
     model.to(device)
     tol = choice.precision.tol
@@ -165,6 +167,15 @@ def plan(args: argparse.Namespace) -> int:
         gpu_memory_gb=args.gpu_memory_gb or local.gpu_memory_gb,
     )
     return run_plan(compose_config(args.overrides), hw, as_json=args.json, check=args.check)
+
+
+def models(args: argparse.Namespace) -> int:
+    from launcher.model.families import format_table
+
+    if args.overrides:
+        raise UserError(f"sft models takes no overrides (got {' '.join(args.overrides)})")
+    print(format_table())
+    return EXIT_OK
 
 
 def config(args: argparse.Namespace) -> int:

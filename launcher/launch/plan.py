@@ -62,7 +62,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.model import model_config
+    from launcher.model import model_config, per_layer
     from launcher.model.moe import active_params, moe_blocks
 
     vocab = None
@@ -85,7 +85,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head_dim = max(d or text.hidden_size // heads for d in per_layer(text, "head_dim"))  # the widest layer
     from launcher.long_context.tiled_loss import use_tiled_loss
 
     return {
@@ -97,7 +97,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
         "layers": text.num_hidden_layers,
         "hidden": text.hidden_size,
         "heads": heads,
-        "kv_dim": (getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        "kv_dim": max(kv or heads for kv in per_layer(text, "num_key_value_heads")) * head_dim,
         "intermediate": getattr(text, "intermediate_size", 4 * text.hidden_size),
         "vocab": text.vocab_size,
     }

@@ -172,8 +172,8 @@ def check_device(m: Any, device_type: str) -> None:
 
 def check_model_config(cfg: DictConfig, device_type: str) -> None:
     """The model's config builds (random init) or reads (local dir), and what the run decides for it on this
-    device (precision, attention backend, tiled loss; `launcher.run.decide`) can run; its heads split over the
-    sequence-parallel group."""
+    device (precision, attention backend, packing, tiled loss and MLP; `launcher.run.decide`, which reads the
+    family's row) can run; sequence parallelism suits it (its row, its heads)."""
     import torch
 
     from launcher.model import model_config
@@ -192,12 +192,9 @@ def check_model_config(cfg: DictConfig, device_type: str) -> None:
     try:
         decide(cfg, torch.device(device_type), config)
         if sp > 1:
-            from launcher.long_context.sequence_parallel import check_heads
-            from launcher.model.linear_attention import sequence_parallel_problem
+            from launcher.long_context.sequence_parallel import check_sequence_parallel
 
-            if problem := sequence_parallel_problem(config):
-                raise ValueError(f"train.sequence_parallel_size={sp}: {problem}")
-            check_heads(sp, config)
+            check_sequence_parallel(sp, config)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -55,13 +55,33 @@ _STATE = _State()
 def check_heads(size: int, model_config: Any) -> None:
     """Each rank of a group attends for heads / S query heads and kv_heads / S key/value heads."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    from launcher.model import per_layer
+
     heads = text.num_attention_heads  # a composite (vision-language) config keeps them in its text config
-    kv = getattr(text, "num_key_value_heads", None) or heads
+    kv_per_layer = {kv or heads for kv in per_layer(text, "num_key_value_heads")}  # Gemma 4's vary by layer
+    kv = max(kv_per_layer, key=lambda k: (k % size != 0, k))
     if heads % size or kv % size:
         raise ValueError(
             f"train.sequence_parallel_size={size} must divide the model's attention heads ({heads}) "
             f"and key/value heads ({kv})"
         )
+
+
+def check_sequence_parallel(size: int, model_config: Any) -> None:
+    """ValueError (one line) when sequence parallelism of `size` ranks cannot run this model exactly: its family's
+    row refuses it (`launcher.model.families`), it has recurrent layers (linear attention, short convolutions:
+    any model, in the table or not), or its heads do not split over the group."""
+    from launcher.model.families import family_of
+
+    if problem := sequence_parallel_problem(model_config):  # names the layers
+        raise ValueError(f"train.sequence_parallel_size={size}: {problem}")
+    family = family_of(model_config)
+    if family is not None and family.sequence_parallel:
+        raise ValueError(
+            f"train.sequence_parallel_size={size}: {family.name}: {family.sequence_parallel}; "
+            "set train.sequence_parallel_size=1"
+        )
+    check_heads(size, model_config)
 
 
 class SequenceParallel:
@@ -85,9 +105,7 @@ class SequenceParallel:
         """Route the model's core attention through the sequence-parallel wrapper (a no-op for S=1)."""
         if self.size == 1:
             return
-        if problem := sequence_parallel_problem(model.config):
-            raise ValueError(f"train.sequence_parallel_size={self.size}: {problem}")
-        check_heads(self.size, model.config)
+        check_sequence_parallel(self.size, model.config)
         from transformers import AttentionInterface
 
         AttentionInterface.register(PREFIX + attention, _sp_attention)
@@ -210,6 +228,16 @@ class _HeadsToSeq(torch.autograd.Function):
         return seq_to_heads(grad, ctx.group, ctx.size), None, None
 
 
+class _WithSinks:
+    """A module seen through with other sinks: this rank's heads' (gpt-oss's eager attention reads `module.sinks`)."""
+
+    def __init__(self, module: torch.nn.Module, sinks: torch.Tensor):
+        self._module, self.sinks = module, sinks
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 def _base_attention(module: torch.nn.Module, backend: str) -> Any:
     if backend == "eager":  # the model's own eager function (some add softcapping or sinks)
         return sys.modules[type(module).__module__].eager_attention_forward
@@ -253,6 +281,11 @@ def _sp_attention(
         if sp is None:
             return base(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
         q, k, v = (_SeqToHeads.apply(x, sp.group, sp.size) for x in (query, key, value))
+        if kwargs.get("s_aux") is not None:  # one sink per head (gpt-oss): this rank's heads' sinks
+            per_rank = kwargs["s_aux"].shape[0] // sp.size
+            kwargs["s_aux"] = kwargs["s_aux"][sp.sp_rank * per_rank : (sp.sp_rank + 1) * per_rank]
+            if backend == "eager":  # the model's eager function reads `module.sinks` itself
+                module = _WithSinks(module, kwargs["s_aux"])
         if backend in VARLEN_BACKENDS:
             # The model handed this rank's own position ids (and, for flash-attn, boundaries it may have derived
             # from them): the kernel gets the whole row's boundaries instead, and applies the window itself.

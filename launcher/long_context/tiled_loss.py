@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
 from launcher.loss import final_hidden_states, next_token_targets
+from launcher.model.families import family_of
 
 # Post-processing some heads apply to the logits after the projection (Gemma 2's soft-capping, Cohere's scale,
 # Granite's divisor): the tiled loss calls the projection alone, so it refuses these models.
@@ -23,7 +24,11 @@ TILED_LOSS_MIN_VOCAB = 32_000
 
 
 def tiled_loss_supported(model_cfg: Any) -> str | None:
-    """None when the LM head is a plain projection the tiled loss can run tile by tile; else why not."""
+    """None when the LM head is a plain projection the tiled loss can run tile by tile; else why not. The family's
+    row says (`launcher.model.families`); the config is read too, for values a checkpoint sets on any family."""
+    family = family_of(model_cfg)
+    if family is not None and family.tiled_loss:
+        return f"{family.name} {family.tiled_loss}"
     for key in LOGIT_POSTPROCESSING:
         value = getattr(model_cfg, key, None)
         if value not in (None, 0, 1, 1.0):

@@ -62,12 +62,36 @@ def count_mlp_tiles(seq_len: int, hidden_size: int, device: torch.device) -> int
     return int(n.item())
 
 
+# The feed-forward block of a decoder layer, by its attribute name (Llama 4 and LFM2 call it `feed_forward`).
+MLP_NAMES = ("mlp", "feed_forward")
+
+
+def is_moe_block(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts block (it holds `experts`). The tiled MLP leaves these untiled: ZeRO-3 reduces a
+    gradient when its parameter's hook fires with `ds_grad_is_ready`, so an expert that only earlier tiles route to
+    would miss its reduction; and a router with jitter noise would route the recompute differently."""
+    return any(name.rsplit(".", 1)[-1] == "experts" for name, _ in module.named_modules())
+
+
+def tiled_mlp_supported(model_cfg: Any) -> str | None:
+    """None when the family's dense MLPs can be tiled (`train.tiled_mlp`); else why not (its registry row)."""
+    from launcher.model.families import family_of
+
+    family = family_of(model_cfg)
+    return f"{family.name}: {family.tiled_mlp}" if family is not None and family.tiled_mlp else None
+
+
 def install_tiled_mlp(model: torch.nn.Module, n_tiles: int | None = None) -> int:
-    """Tile the `mlp` of every decoder layer (`n_tiles` fixed, or chosen per batch); returns how many MLPs."""
+    """Tile the dense feed-forward block of every decoder layer (`n_tiles` fixed, or chosen per batch); returns
+    how many. Mixture-of-experts blocks stay as they are (`is_moe_block`)."""
+    if why := tiled_mlp_supported(model.config):
+        raise ValueError(f"train.tiled_mlp=true: {why}; set train.tiled_mlp=false")
     hidden = model.config.hidden_size
     count = 0
     for name, module in model.named_modules():
-        if not name.endswith(".mlp") or not any(True for _ in module.parameters()):
+        if name.rsplit(".", 1)[-1] not in MLP_NAMES or not any(True for _ in module.parameters()):
+            continue
+        if is_moe_block(module):
             continue
         plain = module.forward
         params = [p for p in module.parameters() if p.requires_grad]
@@ -81,5 +105,7 @@ def install_tiled_mlp(model: torch.nn.Module, n_tiles: int | None = None) -> int
         module.forward = forward
         count += 1
     if not count:
-        raise ValueError("train.tiled_mlp=true: this model has no `.mlp` modules to tile")
+        raise ValueError(
+            "train.tiled_mlp=true: this model has no dense MLP to tile (mixture-of-experts blocks stay untiled)"
+        )
     return count

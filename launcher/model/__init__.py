@@ -13,6 +13,15 @@ from launcher.model.load import (
     load_tokenizer,
     model_config,
     param_shape,
+    per_layer,
 )
 
-__all__ = ["build_model", "embedding_rows", "load_model", "load_tokenizer", "model_config", "param_shape"]
+__all__ = [
+    "build_model",
+    "embedding_rows",
+    "load_model",
+    "load_tokenizer",
+    "model_config",
+    "param_shape",
+    "per_layer",
+]

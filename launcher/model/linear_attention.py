@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from launcher.model.attention import decoder_of
+
 # The sequence mixers made document-aware here (transformers class name -> the functions of its modeling module that
 # carry state along the sequence and are wrapped). The families registry references these names.
 CONV = "causal_conv1d_fn"
@@ -347,7 +349,7 @@ def _install_mask_mapping(model: torch.nn.Module) -> None:
     recurrent = types & set(RECURRENT_LAYER_TYPES)
     if not recurrent or getattr(model, "_packed_mask_mapping_hooked", False):
         return
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    decoder = decoder_of(model)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mask = kwargs.get("attention_mask")

@@ -20,10 +20,18 @@ import torch
 
 from launcher.data.template import ensure_chat_template
 from launcher.model import moe
-from launcher.model.attention import install_packing_hook, register_varlen
+from launcher.model.attention import install_packing_hook, register_flex, register_varlen
 from launcher.model.linear_attention import install_document_reset
 
 log = logging.getLogger(__name__)
+
+
+def register_backend(attention: str) -> None:
+    """Our attention functions, registered with transformers before a model asks for them by name."""
+    if attention == "torch_varlen":
+        register_varlen()
+    elif attention == "flex_attention":
+        register_flex()
 
 
 def _prepare(model: torch.nn.Module, attention: str) -> torch.nn.Module:
@@ -53,8 +61,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    if attention == "torch_varlen":
-        register_varlen()
+    register_backend(attention)
     with (init_context or contextlib.nullcontext)():
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -69,6 +76,14 @@ def param_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
     """A parameter's real shape: under ZeRO-3 the local tensor is an empty partition (shape (0,)) and the real
     shape is `ds_shape`."""
     return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def per_layer(config: Any, key: str, default: Any = None) -> list[Any]:
+    """`key` of each decoder layer: a heterogeneous config's per-layer values (Gemma 4's full-attention layers have
+    a head_dim of their own, and reading the global one raises), else the one value for every layer."""
+    if getattr(config, "is_heterogeneous", False) and key in (config.per_layer_attributes or ()):
+        return [getattr(layer, key, default) for layer in config.per_layer_config]
+    return [getattr(config, key, default)] * config.num_hidden_layers
 
 
 def embedding_rows(model: torch.nn.Module) -> int:
@@ -114,8 +129,7 @@ def build_model(
                 f"{vocab_size} entries (the new rows start untrained)"
             )
         return model
-    if attention == "torch_varlen":
-        register_varlen()
+    register_backend(attention)
     config = model_config(model_cfg, vocab_size)
     with (init_context or contextlib.nullcontext)():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)

@@ -36,125 +36,28 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from launcher.model.families import FAMILIES, LOAD_BALANCING, MoE, family_of
+
 log = logging.getLogger(__name__)
 
-LOAD_BALANCING = "load_balancing"  # transformers' load_balancing_loss_func (Switch Transformer, eqs. 4-6)
-
-
-@dataclass(frozen=True)
-class MoeFamily:
-    """What sft needs to know of an MoE family (read from transformers 5.23's modeling code)."""
-
-    block: str
-    """Class of the sparse MoE block (router + experts [+ shared experts]): the unit ZeRO-3 may gather whole."""
-    aux_loss: str | None
-    """`load_balancing` when transformers adds the router's load-balancing loss; None when it adds none."""
-    coef_key: str | None = None
-    """Config key of the auxiliary loss coefficient."""
-    z_loss_coef_key: str | None = None
-    """Config key of a router z-loss coefficient (no family below has one in transformers 5.23)."""
-    bias_balanced: bool = False
-    """Balanced without an auxiliary loss, by a per-expert bias on the top-k choice (DeepSeek-V3's scheme)."""
-    note: str = ""
-
-
-_SWITCH = "the Switch load-balancing loss over softmax router probabilities"
-MOE_FAMILIES: dict[str, MoeFamily] = {
-    "qwen2_moe": MoeFamily("Qwen2MoeSparseMoeBlock", LOAD_BALANCING, "router_aux_loss_coef", note=_SWITCH),
-    "qwen3_moe": MoeFamily("Qwen3MoeSparseMoeBlock", LOAD_BALANCING, "router_aux_loss_coef", note=_SWITCH),
-    "qwen3_5_moe": MoeFamily(
-        "Qwen3_5MoeSparseMoeBlock", LOAD_BALANCING, "router_aux_loss_coef", note=_SWITCH + " (text config)"
-    ),
-    "qwen3_5_moe_text": MoeFamily(
-        "Qwen3_5MoeSparseMoeBlock", LOAD_BALANCING, "router_aux_loss_coef", note=_SWITCH
-    ),
-    "qwen3_next": MoeFamily("Qwen3NextSparseMoeBlock", LOAD_BALANCING, "router_aux_loss_coef", note=_SWITCH),
-    "mixtral": MoeFamily("MixtralSparseMoeBlock", LOAD_BALANCING, "router_aux_loss_coef", note=_SWITCH),
-    "gpt_oss": MoeFamily(
-        "GptOssMLP",
-        LOAD_BALANCING,
-        "router_aux_loss_coef",
-        note=_SWITCH + " (the router itself takes the top-k of the biased logits, then a softmax over them)",
-    ),
-    "phimoe": MoeFamily(
-        "PhimoeSparseMoeBlock",
-        LOAD_BALANCING,
-        "router_aux_loss_coef",
-        note=_SWITCH + " (the router itself is SparseMixer, with jitter while training)",
-    ),
-    "olmoe": MoeFamily(
-        "OlmoeSparseMoeBlock",
-        LOAD_BALANCING,
-        "router_aux_loss_coef",
-        note=_SWITCH
-        + "; OLMoE's own pretraining also used a router z-loss (0.001), which transformers neither "
-        "computes nor configures: not added",
-    ),
-    "minimax_m2": MoeFamily(
-        "MiniMaxM2SparseMoeBlock",
-        LOAD_BALANCING,
-        "router_aux_loss_coef",
-        note=_SWITCH + " of the raw logits, as transformers computes it (the router itself picks experts by "
-        "sigmoid score plus a correction bias, frozen here)",
-    ),
-    "ernie4_5_moe": MoeFamily(
-        "Ernie4_5_MoeSparseMoeBlock",
-        LOAD_BALANCING,
-        "router_aux_loss_coef",
-        note=_SWITCH + " (the router picks experts with a correction bias, frozen here)",
-    ),
-    "deepseek_v3": MoeFamily(
-        "DeepseekV3MoE",
-        None,
-        bias_balanced=True,
-        note="auxiliary-loss-free balancing: a per-expert bias (e_score_correction_bias, a buffer) steers top-k "
-        "choice and its pretraining updated it by load after each step; transformers adds no loss and never "
-        "updates it, so in SFT the bias stays as loaded and nothing balances the experts",
-    ),
-    "glm4_moe": MoeFamily(
-        "Glm4MoeMoE",
-        None,
-        bias_balanced=True,
-        note="auxiliary-loss-free balancing with a frozen correction bias, as DeepSeek-V3",
-    ),
-    "llama4_text": MoeFamily(
-        "Llama4TextMoe",
-        None,
-        note="the config carries router_aux_loss_coef, but transformers computes no auxiliary loss for Llama 4 "
-        "(sigmoid top-1 router plus a shared expert): nothing is added",
-    ),
-}
-
-
-def moe_cell(model_type: str) -> str:
-    """The support table's MoE column (`launcher.model.families` reads it): the auxiliary loss and its coefficient
-    key, or why a family has none; `dense` outside the table."""
-    family = MOE_FAMILIES.get(model_type)
-    if family is None:
-        return "dense"
-    if family.aux_loss is None:
-        return "none (aux-loss-free bias)" if family.bias_balanced else "none in transformers"
-    keys = [k for k in (family.coef_key, family.z_loss_coef_key) if k]
-    return f"load balancing ({', '.join(keys)})"
+# What each MoE family's router does (block class, auxiliary loss, coefficient key) is its row's `moe` in the one
+# families table, launcher/model/families.py; this module reads it.
+MOE_FAMILIES: dict[str, MoE] = {t: f.moe for f in FAMILIES if f.moe is not None for t in f.model_types}
 
 
 def _text(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def moe_family(config: Any) -> MoeFamily | None:
-    """The MoE facts of the config's model type (the composite config's own type first, then its text config's)."""
-    for c in (config, _text(config)):
-        family = MOE_FAMILIES.get(getattr(c, "model_type", None))
-        if family is not None:
-            return family
-    return None
+def moe_family(config: Any) -> MoE | None:
+    """The MoE row of the config's family (a composite config's text model's), None when dense or unknown."""
+    family = family_of(config)
+    return family.moe if family is not None else None
 
 
 def moe_blocks(model: torch.nn.Module) -> list[str]:
@@ -326,7 +229,7 @@ def asks_for_router_logits(config: Any) -> bool:
 
 def router_aux_decision(setting: str, config: Any, asked: bool | None = None) -> tuple[bool, str | None]:
     """Whether `train.router_aux_loss=<setting>` adds the router's auxiliary loss to this model's training loss,
-    and the line that says so (None for a model outside the MoE table that asks for nothing). `auto` adds it when
+    and the line that says so (None for a model outside the MoE rows that asks for nothing). `auto` adds it when
     the config asks for router logits (`output_router_logits`), as transformers does; `asked` overrides the
     config's own flag (a loaded model's, which `prepare` turned off). ValueError (one line) when a request
     cannot be honoured."""
@@ -344,7 +247,7 @@ def router_aux_decision(setting: str, config: Any, asked: bool | None = None) ->
                 else "the model's config sets output_router_logits"
             )
             raise ValueError(
-                f"{why}, but {model_type} is not in the MoE table (launcher/model/moe.py), so its router's "
+                f"{why}, but {model_type} is not in the MoE rows of `sft models` (launcher/model/families.py), so its router's "
                 "auxiliary loss is unknown: set train.router_aux_loss=false to train without it"
             )
         return False, None
