@@ -2,7 +2,9 @@
 
     sft launch [--nproc N] [overrides]   start torchrun here: every local GPU, or 2 CPU ranks
     sft train [overrides]                run in this process (under torchrun/deepspeed/srun, or alone)
-    sft prepare [overrides]              build the tokenized + packed data cache and print the data report
+    sft prepare [--shard i/N] [overrides]
+                                         build the tokenized + packed data cache (or shard i of N of it) and
+                                         print the data report
     sft preview [-n N] [overrides]       print N examples with trained tokens marked, and the data report
     sft check [overrides]                compare packed vs per-document logits of the configured model
     sft config [overrides]               print the composed config
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from launcher import lifecycle
+from launcher.data.command import USAGE as PREPARE_USAGE
 
 USAGE = __doc__
 
@@ -33,8 +36,7 @@ COMMAND_USAGE = {
     "on CPU) running `sft train`. A rank's error is printed once; its traceback is in <run_dir>/logs/.",
     "train": "sft train [overrides]\n\nTrains in this process: under torchrun, the deepspeed launcher or srun, "
     "or alone (1 rank).",
-    "prepare": "sft prepare [overrides]\n\nTokenizes, masks and packs the data once (cached by content hash) and "
-    "prints the data report.",
+    "prepare": PREPARE_USAGE,
     "preview": "sft preview [-n N] [overrides]\n\nPrints N documents as the trainer sees them, trained tokens in "
     "colour ([[...]] off a TTY), and the data report.",
     "check": "sft check [overrides]\n\nCompares packed vs per-document logits of the configured model and "
@@ -140,7 +142,9 @@ def _prepare_in_launcher(cfg) -> None:
     from launcher.model import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
-    cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True)
+    cached_prepare(
+        cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True, progress=cfg.logging.progress
+    )
 
 
 def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
@@ -220,21 +224,14 @@ def stopped(stop: lifecycle.LaunchStop, code: int, run_dir: Path, args: list[str
     return 128 + signal.Signals[stop.signame].value if stop.signame else code
 
 
-def cmd_prepare(overrides: list[str]) -> int:
-    import json
-
-    from launcher.data.pipeline import cached_prepare, format_report
-    from launcher.model import load_tokenizer
-
-    cfg = _compose(overrides)
+def cmd_prepare(args: list[str]) -> int:
+    from launcher.data.command import parse_shard, prepare
     from launcher.preflight import check_inputs
 
+    shard, overrides = parse_shard(args)
+    cfg = _compose(overrides)
     check_inputs(cfg)
-    tok = load_tokenizer(cfg.model)
-    prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True)
-    print(format_report(prepared.report))
-    print(json.dumps(prepared.report["cache"]))
-    return 0
+    return prepare(cfg, shard)
 
 
 def render_trained(tok, input_ids: list[int], labels: list[int], color: bool) -> str:
