@@ -82,23 +82,26 @@ class Prepared:
 
 class Progress:
     """One status line on stderr: rows/s and tokens/s while encoding, then packing and writing. On a terminal
-    it is redrawn in place twice a second; in a log file a line is written every 30 s."""
+    it is redrawn in place twice a second; in a log file a line is written every 30 s (none for a preparation
+    shorter than that)."""
 
     def __init__(self, enabled: bool, stream: Any = None):
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = self.enabled and self.stream.isatty()
         self.every = 0.5 if self.tty else 30.0
-        self.stage, self.total_bytes = "", 0
+        self.stage, self.total, self.unit = "", 0, "bytes"
         self.rows = self.tokens = self.bytes = 0
         self.start = self.last = time.perf_counter()
+        self.drawn = False
 
-    def begin(self, stage: str, total_bytes: int = 0) -> None:
-        if self.enabled and self.stage and self.tty:
+    def begin(self, stage: str, total: int = 0, unit: str = "bytes") -> None:
+        if self.tty and self.drawn:
             self._draw(time.perf_counter(), "\n")  # the finished stage's last figures stay on screen
-        self.stage, self.total_bytes = stage, total_bytes
+        self.stage, self.total, self.unit = stage, total, unit
         self.rows = self.tokens = self.bytes = 0
         self.start = time.perf_counter()
+        self.drawn = False
 
     def advance(self, rows: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
         self.rows += rows
@@ -111,17 +114,19 @@ class Progress:
 
     def _draw(self, now: float, end: str = "") -> None:
         s = max(now - self.start, 1e-9)
-        done = f" {100 * self.bytes / self.total_bytes:3.0f}%" if self.total_bytes else ""
+        done = getattr(self, self.unit)
+        pct = f" {100 * done / self.total:3.0f}%" if self.total else ""
         line = (
-            f"data: {self.stage}{done} | {self.rows:,} rows, {self.rows / s:,.0f} rows/s | "
+            f"data: {self.stage}{pct} | {self.rows:,} rows, {self.rows / s:,.0f} rows/s | "
             f"{self.tokens:,} tokens, {self.tokens / s:,.0f} tokens/s | {s:,.0f} s"
         )
         self.stream.write(("\r" + line + "\033[K" + end) if self.tty else line + "\n")
         self.stream.flush()
+        self.drawn = True
 
     def done(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter(), "\n" if self.tty else "")
+        if self.tty and self.drawn:
+            self._draw(time.perf_counter(), "\n")
 
 
 def tell(message: str) -> None:
@@ -437,7 +442,7 @@ def merge(
         else:
             order, starts = np.arange(len(items.length)), np.arange(len(items.length) + 1)
         t1 = time.perf_counter()
-        progress.begin(f"write {name}", int(items.length.sum()))
+        progress.begin(f"write {name}", int(items.length.sum()), "tokens")
         if len(items.length):
             index = write_rows(
                 out / name, flat, items.part[order], items.start[order], items.length[order], starts, progress
