@@ -307,9 +307,9 @@ class OursRunner:
         from omegaconf import OmegaConf
 
         from launcher import engine as ds_engine
-        from launcher.attention import resolve_backend
         from launcher.config import DeepSpeedConfig, ModelConfig, TrainConfig
         from launcher.model import build_model
+        from launcher.model.attention import resolve_backend
         from launcher.train import build_optimizer
 
         self.name, self.args, self.device = name, args, info.device
@@ -411,8 +411,8 @@ def run_trl(name: str, plan: dict, args: argparse.Namespace) -> dict:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    from launcher.attention import register_varlen, varlen_available
     from launcher.data.packing import doc_lengths
+    from launcher.model.attention import register_varlen, varlen_available
     from launcher.train import peak_flops, step_flops
 
     cuda = torch.cuda.is_available()

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import lifecycle
 from launcher.data.command import USAGE as PREPARE_USAGE
+from launcher.launch import lifecycle
 
 USAGE = __doc__
 
@@ -50,7 +50,7 @@ COMMAND_USAGE = {
 
 
 def command_help(name: str) -> str:
-    from launcher.preflight import _groups
+    from launcher.launch.preflight import _groups
 
     groups = "\n".join(f"  {g:<11}{', '.join(opts)}" for g, opts in sorted(_groups().items()))
     return (
@@ -71,7 +71,7 @@ def version() -> str:
 
 
 def _compose(overrides: list[str]):
-    from launcher.preflight import compose_config
+    from launcher.launch.preflight import compose_config
 
     return compose_config(overrides)
 
@@ -83,7 +83,7 @@ def _world_size() -> int:
 def cmd_train(overrides: list[str]) -> int:
     import torch
 
-    from launcher import lifecycle, preflight
+    from launcher.launch import lifecycle, preflight
 
     cfg = _compose(overrides)
     preflight.check(cfg, _world_size(), "cuda" if torch.cuda.is_available() else "cpu")
@@ -121,13 +121,13 @@ def cmd_launch(args: list[str]) -> int:
     cfg = _compose(args)  # fail here, before starting processes, on a bad config
     import torch
 
-    from launcher import preflight
+    from launcher.launch import preflight
 
     if nproc is None:
         nproc = torch.cuda.device_count() or 2
     preflight.check(cfg, nproc, "cuda" if torch.cuda.is_available() else "cpu")
     if check_plan:
-        from launcher.plan import check_for_launch
+        from launcher.launch.plan import check_for_launch
 
         check_for_launch(cfg, nproc)  # refuse, before any rank starts, a run that does not fit the GPUs
     run_dir = Path(cfg.run_dir).resolve()
@@ -152,7 +152,7 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
 
     import torch
 
-    from launcher.rankerrors import ERROR_DIR_ENV, first_error, lost_ranks
+    from launcher.launch.rankerrors import ERROR_DIR_ENV, first_error, lost_ranks
 
     errors = run_dir / "logs" / "errors"
     shutil.rmtree(errors, ignore_errors=True)  # a previous attempt's errors are not this one's
@@ -163,7 +163,7 @@ def _run_ranks(args: list[str], nproc: int, run_dir: Path) -> int:
     cmd = [
         sys.executable,
         "-m",
-        "launcher.rankerrors",
+        "launcher.launch.rankerrors",
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
@@ -226,7 +226,7 @@ def stopped(stop: lifecycle.LaunchStop, code: int, run_dir: Path, args: list[str
 
 def cmd_prepare(args: list[str]) -> int:
     from launcher.data.command import parse_shard, prepare
-    from launcher.preflight import check_inputs
+    from launcher.launch.preflight import check_inputs
 
     shard, overrides = parse_shard(args)
     cfg = _compose(overrides)
@@ -259,7 +259,7 @@ def cmd_preview(args: list[str]) -> int:
             raise ValueError("-n needs a whole number of examples, e.g. sft preview -n 3")
         n, args = int(args[1]), args[2:]
     cfg = _compose(args)
-    from launcher.preflight import check_inputs
+    from launcher.launch.preflight import check_inputs
 
     check_inputs(cfg)
     tok = load_tokenizer(cfg.model)
@@ -283,13 +283,13 @@ def cmd_preview(args: list[str]) -> int:
 def cmd_check(overrides: list[str]) -> int:
     import torch
 
-    from launcher.attention import resolve_backend
     from launcher.data.pipeline import prepare_data
     from launcher.evaluate import check_packing
     from launcher.model import build_model, load_tokenizer, model_config
+    from launcher.model.attention import resolve_backend
 
     cfg = _compose(overrides)
-    from launcher.preflight import check_inputs
+    from launcher.launch.preflight import check_inputs
 
     check_inputs(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -317,7 +317,7 @@ def cmd_check(overrides: list[str]) -> int:
 
 
 def cmd_plan(args: list[str]) -> int:
-    from launcher.plan import cli
+    from launcher.launch.plan import cli
 
     return cli(args, _compose)
 
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from launcher.rankerrors import one_line, record
+    from launcher.launch.rankerrors import one_line, record
 
     rank = os.environ.get("RANK")
     user_errors: tuple[type[BaseException], ...] = (

@@ -43,7 +43,7 @@ def eval_loss(
 ):
     """Token-level mean loss and perplexity over all eval rows, summed over ranks (`loss_fn`: the training
     loss, so a tiled loss keeps evaluation within the memory training needs). With `sp` (a
-    `launcher.sequence_parallel.SequenceParallel`) rows go to data-parallel ranks and each group runs them
+    `launcher.long_context.sequence_parallel.SequenceParallel`) rows go to data-parallel ranks and each group runs them
     sequence-parallel, as in training: a row that trains only with SP is evaluated within the same memory."""
     rank, world = (sp.dp_rank, sp.dp_world) if sp is not None else (dist.get_rank(), dist.get_world_size())
     split = sp.shard if sp is not None else contextlib.nullcontext
@@ -68,7 +68,7 @@ def packing_error(
     """(max |packed - per-document| logit difference, max |logit|) over the row's first documents.
 
     Each document's reference runs alone, with positions 0..n-1, whatever the row's own position ids say. With
-    `sp` (a `launcher.sequence_parallel.SequenceParallel` of S > 1) the packed row runs sequence-parallel.
+    `sp` (a `launcher.long_context.sequence_parallel.SequenceParallel` of S > 1) the packed row runs sequence-parallel.
     """
     batch = collate([row], attention, device=device)
     if sp is not None and sp.size > 1:

@@ -27,21 +27,23 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from launcher import checkpoint, lifecycle
+from launcher import checkpoint
 from launcher import engine as ds_engine
-from launcher.attention import choose_backend
 from launcher.config import validate
 from launcher.data.loader import StepSampler, collate
 from launcher.data.packing import doc_lengths
 from launcher.data.pipeline import Prepared, cached_prepare, format_report
 from launcher.evaluate import check_packing, eval_loss, exact_match
 from launcher.export import export_hf, verify_export
-from launcher.loss import count_targets, target_token_loss, tiled_target_token_loss, use_tiled_loss
+from launcher.launch import lifecycle
+from launcher.long_context.offload import enable_checkpointing
+from launcher.long_context.sequence_parallel import SequenceParallel
+from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
+from launcher.long_context.tiled_mlp import install_tiled_mlp
+from launcher.loss import count_targets, target_token_loss
 from launcher.metrics import build_logger
 from launcher.model import build_model, embedding_rows, load_tokenizer, model_config, param_shape
-from launcher.offload import enable_checkpointing
-from launcher.sequence_parallel import SequenceParallel
-from launcher.tiled_mlp import install_tiled_mlp
+from launcher.model.attention import choose_backend
 
 log = logging.getLogger("launcher")
 

@@ -21,9 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from launcher import engine as ds_engine
 from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
+from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.loss import model_inputs
-from launcher.model import _prepare
-from launcher.sequence_parallel import SequenceParallel
+from launcher.model.load import _prepare
 
 SMALL = dict(
     vocab_size=97,
@@ -118,7 +118,7 @@ def main(mode: str, out: str) -> None:
             use_reference_flash,
         )
 
-        from launcher.attention import register_varlen
+        from launcher.model.attention import register_varlen
 
         varlen.varlen_attn = reference_varlen_attn
         register_varlen()

@@ -13,8 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from launcher import engine as ds_engine
 from launcher.data import pack_examples
-from launcher.loss import target_token_loss, tiled_target_token_loss
-from launcher.tiled_mlp import install_tiled_mlp
+from launcher.long_context.tiled_loss import tiled_target_token_loss
+from launcher.long_context.tiled_mlp import install_tiled_mlp
+from launcher.loss import target_token_loss
 from launcher.train import train_step
 
 VOCAB = 503

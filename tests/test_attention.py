@@ -11,8 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
 from launcher.evaluate import check_packing, packing_error
-from launcher.loss import token_loss
 from launcher.model import load_model
+from tests.helpers import full_logits_loss
 from tests.reference_kernels import reference_varlen_attn, use_reference_flash
 
 SMALL = dict(
@@ -112,7 +112,7 @@ def test_packed_loss_and_gradients_equal_unpacked(model_dirs, arch):
         model.zero_grad()
         total, count = 0.0, 0
         for b in batches:
-            s, n = token_loss(model(**b).logits, b["labels"])
+            s, n = full_logits_loss(model(**b).logits, b["labels"])
             total, count = total + s, count + n
         (total / count).backward()
         return (total / count).item(), torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -184,7 +184,7 @@ def test_packed_eval_loss_equals_unpacked(model_dirs):
         unpacked = [collate(pack_examples([d], 24), "eager") for d in docs]
         sums = []
         for batches in (packed, unpacked):
-            s, n = zip(*(token_loss(model(**b).logits, b["labels"]) for b in batches))
+            s, n = zip(*(full_logits_loss(model(**b).logits, b["labels"]) for b in batches))
             sums.append((sum(s) / sum(n)).item())
     assert abs(sums[0] - sums[1]) < 1e-6
 
@@ -197,7 +197,7 @@ def test_target_only_lm_head_gives_the_same_loss_and_gradients(model_dirs, atten
     batch = collate(pack_examples(documents(3), max_length=24), attention)
     results = []
     for fn in (
-        lambda: token_loss(model(**batch).logits, batch["labels"]),
+        lambda: full_logits_loss(model(**batch).logits, batch["labels"]),
         lambda: target_token_loss(model, batch),
     ):
         model.zero_grad()
@@ -271,7 +271,7 @@ def test_torch_varlen_adapter_under_autocast(model_dirs, monkeypatch):
     ids=["softcap", "sinks", "dropout"],
 )
 def test_torch_varlen_refuses_what_the_kernel_cannot_apply(kwargs):
-    from launcher.attention import _varlen_forward
+    from launcher.model.attention import _varlen_forward
 
     x = torch.zeros(1, 4, 6, 8)
     cu = torch.tensor([0, 6], dtype=torch.int32)
@@ -282,7 +282,7 @@ def test_torch_varlen_refuses_what_the_kernel_cannot_apply(kwargs):
 def test_auto_backend_follows_the_model(model_dirs):
     from transformers import AutoConfig
 
-    from launcher.attention import attention_needs, resolve_backend
+    from launcher.model.attention import attention_needs, resolve_backend
 
     cpu = torch.device("cpu")
     gemma2 = AutoConfig.from_pretrained(model_dirs["gemma2"])

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from launcher.attention import varlen_available
 from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
 from launcher.model import load_model
+from launcher.model.attention import varlen_available
 
 pytestmark = [
     pytest.mark.gpu,

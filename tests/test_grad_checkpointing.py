@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from launcher.data import collate, pack_examples
-from launcher.evaluate import target_token_loss
+from launcher.loss import target_token_loss
 from launcher.model import build_model
 
 

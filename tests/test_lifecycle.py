@@ -241,7 +241,7 @@ def test_a_stop_while_the_ranks_start_is_kept(tmp_path):
 def test_the_launcher_asks_only_ranks_that_catch_the_stop_signal(tmp_path):
     """A rank still starting (no SIGTERM handler yet) would be killed by the request: it is asked on a later
     round, once it catches SIGTERM. Real processes: an "agent" with two children, one of which catches SIGTERM."""
-    from launcher.lifecycle import LaunchStop, child_pids
+    from launcher.launch.lifecycle import LaunchStop, child_pids
 
     child = (
         "import os, signal, sys, time\n"

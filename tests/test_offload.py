@@ -11,10 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 from launcher.data import collate, pack_examples
-from launcher.evaluate import target_token_loss
+from launcher.long_context.offload import CheckpointOffload, enable_checkpointing
+from launcher.long_context.tiled_mlp import install_tiled_mlp
+from launcher.loss import target_token_loss
 from launcher.model import build_model
-from launcher.offload import CheckpointOffload, enable_checkpointing
-from launcher.tiled_mlp import install_tiled_mlp
 
 LAYERS, HIDDEN = 3, 32
 

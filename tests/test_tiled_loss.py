@@ -8,8 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from launcher.data import collate, pack_examples
-from launcher.loss import target_token_loss, tiled_target_token_loss, use_tiled_loss
-from launcher.tiled_mlp import install_tiled_mlp
+from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
+from launcher.long_context.tiled_mlp import install_tiled_mlp
+from launcher.loss import target_token_loss
 
 TINY = dict(
     vocab_size=1000,

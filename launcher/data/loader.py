@@ -3,7 +3,7 @@
     batch = collate(rows, attention="sdpa")   # rows from pack_examples
     logits = model(**batch).logits
 
-The collator builds exactly what the attention backend needs (see launcher.attention): never an all-ones
+The collator builds exactly what the attention backend needs (see launcher.data.masks): never an all-ones
 mask, and `use_cache=False` so transformers cannot silently fall back to a cache-based mask.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.attention import (
+from launcher.data.masks import (
     MASK_BACKENDS,
     VARLEN_BACKENDS,
     block_causal_float_mask,

@@ -18,12 +18,10 @@ from typing import Any
 
 import torch
 
-from launcher.attention import install_packing_hook, register_varlen
 from launcher.data.template import ensure_chat_template
+from launcher.model.attention import install_packing_hook, register_varlen
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _prepare(model: torch.nn.Module, attention: str) -> torch.nn.Module:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launcher.attention import VARLEN_BACKENDS, block_causal_float_mask, document_block_mask
+from launcher.data.masks import VARLEN_BACKENDS, block_causal_float_mask, document_block_mask, with_window
 from launcher.data.template import IGNORE_INDEX
 
 PREFIX = "sft_sp_"  # the wrapped backend's name in transformers' attention registry: sft_sp_sdpa, ...
@@ -214,27 +214,10 @@ def document_mask(backend: str, window: int | None, dtype: torch.dtype) -> Any:
     key = (backend, window, dtype)
     if key not in _STATE.masks:
         pos = _STATE.positions
-        if backend == "flex_attention":
-            mask = document_block_mask(pos)
-            if window:
-                from torch.nn.attention.flex_attention import and_masks, create_block_mask
-
-                b, _, t, _ = mask.shape
-                mask = create_block_mask(
-                    and_masks(mask.mask_mod, lambda b_, h, q, k: q - k < window),
-                    b,
-                    None,
-                    t,
-                    t,
-                    device=pos.device,
-                )
-        else:
-            mask = block_causal_float_mask(pos, dtype)
-            if window:
-                idx = torch.arange(pos.shape[-1], device=pos.device)
-                far = (idx[:, None] - idx[None, :]) >= window
-                mask = mask.masked_fill(far, torch.finfo(dtype).min)
-        _STATE.masks[key] = mask
+        mask = (
+            document_block_mask(pos) if backend == "flex_attention" else block_causal_float_mask(pos, dtype)
+        )
+        _STATE.masks[key] = with_window(mask, window) if window else mask
     return _STATE.masks[key]
 
 

@@ -23,11 +23,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from launcher.data.masks import ALL_BACKENDS, VARLEN_BACKENDS, with_window
 
-VARLEN_BACKENDS = ("torch_varlen", "flash_attention_2", "flash_attention_3")
-MASK_BACKENDS = ("sdpa", "eager")
-ALL_BACKENDS = (*VARLEN_BACKENDS, *MASK_BACKENDS, "flex_attention")
+log = logging.getLogger(__name__)
 
 
 # Models whose attention adds learned sinks (`s_aux`), which neither varlen kernel applies.
@@ -117,50 +115,6 @@ def _flash_attn_importable(name: str) -> bool:
 
 def varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
-
-
-# ---- metadata builders (used by the collator) ----
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Number the documents of each row: a new document starts wherever the position resets to 0."""
-    starts = (position_ids == 0).to(torch.int32)
-    starts[:, 0] = 1
-    return starts.cumsum(-1)
-
-
-def block_causal_float_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, 1, T, T] additive mask: 0 where query may attend key (same document, key not after query)."""
-    doc = document_ids(position_ids)
-    t = position_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = (doc[:, :, None] == doc[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def document_block_mask(position_ids: torch.Tensor) -> Any:
-    """A flex-attention BlockMask that is causal within each document and blocks every other pair."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    doc = document_ids(position_ids)
-    b, t = doc.shape
-
-    def mask_mod(bi, h, q, k):
-        return (doc[bi, q] == doc[bi, k]) & (q >= k)
-
-    return create_block_mask(mask_mod, b, None, t, t, device=position_ids.device)
-
-
-def cu_seq_lens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative document boundaries over a flattened [1, N] batch, and the longest document."""
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    if starts.numel() == 0 or starts[0] != 0:
-        starts = torch.cat([torch.zeros(1, dtype=starts.dtype, device=starts.device), starts])
-    cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 # ---- the varlen backend, registered with transformers ----
@@ -264,32 +218,16 @@ def install_packing_hook(model: torch.nn.Module) -> None:
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.is_floating_point():
-            dtype = module.get_input_embeddings().weight.dtype
-            full = mask.to(dtype)
-            if window is not None:
-                t = full.shape[-1]
-                idx = torch.arange(t, device=full.device)
-                far = (idx[:, None] - idx[None, :]) >= window
-                slid = full.masked_fill(far, torch.finfo(dtype).min)
-                kwargs["attention_mask"] = (
-                    {"full_attention": full, "sliding_attention": slid} if per_layer else slid
-                )
-            else:
-                kwargs["attention_mask"] = full
-        elif window is not None and type(mask).__name__ == "BlockMask":
-            from torch.nn.attention.flex_attention import and_masks, create_block_mask
-
-            def in_window(b, h, q, k):
-                return q - k < window
-
-            b, _, t, _ = mask.shape
-            slid = create_block_mask(
-                and_masks(mask.mask_mod, in_window), b, None, t, t, device=mask.kv_num_blocks.device
-            )
+        is_float = isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.is_floating_point()
+        if is_float:
+            mask = mask.to(module.get_input_embeddings().weight.dtype)
+        if window is not None and (is_float or type(mask).__name__ == "BlockMask"):
+            slid = with_window(mask, window)
             kwargs["attention_mask"] = (
                 {"full_attention": mask, "sliding_attention": slid} if per_layer else slid
             )
+        elif is_float:
+            kwargs["attention_mask"] = mask
         return args, kwargs
 
     decoder.register_forward_pre_hook(hook, with_kwargs=True)

@@ -296,7 +296,7 @@ def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1
     import torch
     from transformers import AutoConfig
 
-    from launcher.attention import resolve_backend
+    from launcher.model.attention import resolve_backend
 
     try:
         if m.name_or_path is None:
@@ -307,7 +307,7 @@ def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1
         else:
             return  # a hub id: its config comes with the download
     except Exception as e:  # transformers' and huggingface_hub's config validation errors share no base class
-        from launcher.rankerrors import one_line
+        from launcher.launch.rankerrors import one_line
 
         key = "model.init" if m.name_or_path is None else f"model.name_or_path={m.name_or_path}"
         raise UserError(f"{key}: {one_line(e)}") from None
@@ -317,7 +317,7 @@ def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1
             m.attention.value, torch.device(device_type), config, torch.bfloat16 if bf16 else torch.float32
         )
         if sequence_parallel_size > 1:
-            from launcher.sequence_parallel import check_heads
+            from launcher.long_context.sequence_parallel import check_heads
 
             check_heads(sequence_parallel_size, config)
     except ValueError as e:

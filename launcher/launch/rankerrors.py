@@ -1,6 +1,6 @@
 """A rank's failure reaches the user once, as one line, with the traceback kept under `<run_dir>/logs/`.
 
-`sft launch` runs the torchrun agent quietly (`python -m launcher.rankerrors ...`: torchrun's own
+`sft launch` runs the torchrun agent quietly (`python -m launcher.launch.rankerrors ...`: torchrun's own
 ChildFailedError report and per-rank failure logs are silenced) and gives each rank `SFT_ERROR_DIR`. A rank that
 fails writes `rank<N>.json` (its one-line message, whether it is a user error) and `rank<N>.traceback` there and
 prints nothing; after torchrun exits the launcher prints the earliest rank's line. Ranks started any other way

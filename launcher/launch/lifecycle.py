@@ -6,7 +6,7 @@ step boundary every rank all-reduces its note (one collective), so all ranks agr
 step and none is left waiting in a collective the others never enter. They save a checkpoint there and exit
 with `EXIT_PREEMPTED`.
 
-The requeue contract (used by `slurm/sft.sbatch` through `python -m launcher.lifecycle after-step <code>`):
+The requeue contract (used by `slurm/sft.sbatch` through `python -m launcher.launch.lifecycle after-step <code>`):
 
 | launcher exit code | meaning | the batch script |
 |---|---|---|
@@ -256,7 +256,7 @@ def after_step(code: int, env: dict[str, str] | None = None) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "after-step" or not argv[1].lstrip("-").isdigit():
-        print("usage: python -m launcher.lifecycle after-step <exit code>", file=sys.stderr)
+        print("usage: python -m launcher.launch.lifecycle after-step <exit code>", file=sys.stderr)
         return 2
     return after_step(int(argv[1]))
 

@@ -105,7 +105,7 @@ def model_shape(cfg: Any) -> dict[str, Any]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    from launcher.loss import use_tiled_loss
+    from launcher.long_context.tiled_loss import use_tiled_loss
 
     return {
         "tiled_loss": use_tiled_loss(cfg.train.tiled_loss, text),
@@ -198,8 +198,8 @@ def activations_gb(
 
 def logits_gb(shape: dict, targets: float, tiled: bool = False) -> float:
     """LM-head outputs at target positions: bf16 logits, fp32 copy, fp32 gradient; with the tiled loss, one
-    tile's worth (`launcher.loss.count_tiles`: a tile's logits are about the size of its hidden states)."""
-    from launcher.loss import MIN_TILE_LOGITS
+    tile's worth (`launcher.long_context.tiled_loss.count_tiles`: a tile's logits are about the size of its hidden states)."""
+    from launcher.long_context.tiled_loss import MIN_TILE_LOGITS
 
     if tiled and targets:
         tiles = max(1, math.ceil(targets * shape["vocab"] / max(targets * shape["hidden"], MIN_TILE_LOGITS)))

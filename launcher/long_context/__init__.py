@@ -1,0 +1,1 @@
+"""Long rows: sequence parallelism, the tiled loss, the tiled MLP, activation-checkpoint offload."""
