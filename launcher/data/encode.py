@@ -323,7 +323,10 @@ def serve() -> None:
             result = encode_chunk(tok, template, cfg, spec, payload)
         except Exception:  # a bug, not a data error: the parent re-raises it with the worker's traceback
             result = RuntimeError(f"data worker {os.getpid()} failed:\n{traceback.format_exc()}")
-        _write_frame(out, result)
+        try:
+            _write_frame(out, result)
+        except BrokenPipeError:  # the parent is gone: so is the work
+            return
 
 
 class _Worker:

@@ -93,15 +93,12 @@ class Progress:
         self.stage, self.total, self.unit = "", 0, "bytes"
         self.rows = self.tokens = self.bytes = 0
         self.start = self.last = time.perf_counter()
-        self.drawn = False
 
     def begin(self, stage: str, total: int = 0, unit: str = "bytes") -> None:
-        if self.tty and self.drawn:
-            self._draw(time.perf_counter(), "\n")  # the finished stage's last figures stay on screen
+        self.done()  # on a terminal the finished stage's last figures stay on screen
         self.stage, self.total, self.unit = stage, total, unit
         self.rows = self.tokens = self.bytes = 0
         self.start = time.perf_counter()
-        self.drawn = False
 
     def advance(self, rows: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
         self.rows += rows
@@ -122,11 +119,11 @@ class Progress:
         )
         self.stream.write(("\r" + line + "\033[K" + end) if self.tty else line + "\n")
         self.stream.flush()
-        self.drawn = True
 
     def done(self) -> None:
-        if self.tty and self.drawn:
+        if self.tty and (self.rows or self.tokens):
             self._draw(time.perf_counter(), "\n")
+            self.rows = self.tokens = 0
 
 
 def tell(message: str) -> None:
@@ -324,10 +321,19 @@ class Items:
 
     part: np.ndarray  # int32 index into the list of parts
     start: np.ndarray  # int64 token offset in that part
-    length: np.ndarray  # int64
-    trained: np.ndarray  # int64
+    length: np.ndarray  # int32
+    trained: np.ndarray  # int32
     id_sum: np.ndarray  # int64
     candidate: np.ndarray  # int64 candidate index in its part (to read its messages)
+
+
+ITEM_DTYPES = {
+    "part": np.int32,
+    "start": np.int64,
+    "length": np.int32,
+    "trained": np.int32,
+    "id_sum": np.int64,
+}
 
 
 def _gather_items(parts: list[EncodedPart], keep: list[np.ndarray], base: int) -> Items:
@@ -336,13 +342,13 @@ def _gather_items(parts: list[EncodedPart], keep: list[np.ndarray], base: int) -
         idx = np.flatnonzero(kept)
         cols["part"].append(np.full(len(idx), base + p, np.int32))
         cols["start"].append(part.starts[idx])
-        cols["length"].append(part.columns["lengths"][idx].astype(np.int64))
-        cols["trained"].append(part.columns["trained"][idx].astype(np.int64))
+        cols["length"].append(part.columns["lengths"][idx])
+        cols["trained"].append(part.columns["trained"][idx])
         cols["id_sum"].append(part.columns["id_sums"][idx])
         cols["candidate"].append(idx.astype(np.int64))
-    dtypes = {"part": np.int32}
+        part.columns, part.starts = {}, None  # what is left of a part: its files
     return Items(
-        **{k: np.concatenate(v) if v else np.zeros(0, dtypes.get(k, np.int64)) for k, v in cols.items()}
+        **{k: np.concatenate(v) if v else np.zeros(0, ITEM_DTYPES.get(k, np.int64)) for k, v in cols.items()}
     )
 
 
@@ -354,9 +360,10 @@ def _source_report(name: str, parts: list[EncodedPart], dedup: bool) -> tuple[So
         report.dropped.update(part.counts["dropped"])
         report.extra_from_trees += part.counts["extra_from_trees"]
     columns = {
-        k: np.concatenate([p.columns[k] for p in parts]) for k in parts[0].columns if k != "message_offsets"
+        k: np.concatenate([p.columns[k] for p in parts]) for k in ("hashes", "status", "truncated", "lost")
     }
     kept = account(columns, dedup, report)
+    del columns
     sizes = np.cumsum([0] + [len(p) for p in parts])
     return report, [kept[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
 
@@ -384,7 +391,9 @@ def merge(
     def cat(chunks: list[Items]) -> Items:
         return Items(
             **{
-                k: np.concatenate([getattr(c, k) for c in chunks]) if chunks else np.zeros(0, np.int64)
+                k: np.concatenate([getattr(c, k) for c in chunks])
+                if chunks
+                else np.zeros(0, ITEM_DTYPES.get(k, np.int64))
                 for k in Items.__dataclass_fields__
             }
         )

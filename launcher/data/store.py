@@ -6,9 +6,10 @@
 
 Layout (Megatron's indexed dataset: token ids in one flat binary file, an index of offsets, memory-mapped):
 - an encoded part (one source, one shard): `ids.bin` (int32 token ids of every encoded conversation, end to
-  end), `trained.bin` (uint8, 1 where the token is trained), `messages.bin` (JSON of each conversation, for eval
-  sources only), `meta.npz` (one entry per candidate conversation: duplicate key, status, length, ...) and
-  `report.json` (counts; written last, so a part without it is incomplete).
+  end), `mask.bin` (uint8, 1 where the token is trained), one flat file per candidate column (`hashes.bin`,
+  `status.bin`, `lengths.bin`, ...: one entry per conversation that reached the duplicate check),
+  `messages.bin` + `message_sizes.bin` (JSON of each conversation, for eval sources only) and `report.json`
+  (counts; written last, so a part without it is incomplete).
 - packed rows (`train/`, `eval/`): `input_ids.npy`, `labels.npy`, `position_ids.npy` (int32, all rows end to
   end), `offsets.npy` (int64 row starts), `docs.npy` (int32 document lengths in row order) and `index.json`
   (rows, tokens, trained tokens, digest, checksum). Plain .npy files: `np.load(path, mmap_mode="r")` reads them.
@@ -44,48 +45,41 @@ READ_BYTES = 1 << 24
 
 
 class PartWriter:
-    """Appends chunk results to an encoded part's files as they arrive; `finish` writes the per-conversation
-    columns and then `report.json` (the part is complete once that exists)."""
+    """Appends chunk results to an encoded part's files as they arrive (nothing is kept in memory); `finish`
+    writes `report.json`, after which the part is complete."""
 
     def __init__(self, path: Path, keep_messages: bool):
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.ids = (path / "ids.bin").open("wb")
-        self.mask = (path / "trained.bin").open("wb")
-        self.messages = (path / "messages.bin").open("wb") if keep_messages else None
-        self.columns: dict[str, list[np.ndarray]] = {k: [] for k in CANDIDATE_COLUMNS}
-        self.message_sizes: list[np.ndarray] = []
-        self.tokens = 0
+        names = ("ids", "mask", *CANDIDATE_COLUMNS)
+        assert len(set(names)) == len(names), "two columns would share a file"
+        self.files = {k: (path / f"{k}.bin").open("wb") for k in names}
+        if keep_messages:
+            self.files["messages"] = (path / "messages.bin").open("wb")
+            self.files["message_sizes"] = (path / "message_sizes.bin").open("wb")
+        self.tokens = self.length_sum = 0
+
+    def _put(self, name: str, a: np.ndarray, dtype: Any) -> None:
+        self.files[name].write(np.ascontiguousarray(a, dtype=dtype).data)
 
     def add(self, result: Any) -> None:
-        self.ids.write(np.ascontiguousarray(result.ids, dtype=np.int32).data)
-        self.mask.write(np.ascontiguousarray(result.mask, dtype=np.uint8).data)
+        self._put("ids", result.ids, np.int32)
+        self._put("mask", result.mask, np.uint8)
+        for k, dtype in CANDIDATE_COLUMNS.items():
+            self._put(k, getattr(result, k), dtype)
         self.tokens += len(result.ids)
-        for k in CANDIDATE_COLUMNS:
-            self.columns[k].append(getattr(result, k))
-        if self.messages is not None:
-            ok = result.lengths > 0
-            sizes = np.zeros(len(ok), np.int64)
-            sizes[ok] = [len(m) for m in result.messages]
-            self.message_sizes.append(sizes)
+        self.length_sum += int(result.lengths.sum())
+        if "messages" in self.files:
+            sizes = np.zeros(len(result.lengths), np.int64)
+            sizes[result.lengths > 0] = [len(m) for m in result.messages]
+            self._put("message_sizes", sizes, np.int64)
             for m in result.messages:
-                self.messages.write(m)
+                self.files["messages"].write(m)
 
     def finish(self, counts: dict[str, Any]) -> None:
-        for f in (self.ids, self.mask, self.messages):
-            if f is not None:
-                f.close()
-        cols = {
-            k: np.concatenate(v).astype(CANDIDATE_COLUMNS[k], copy=False)
-            if v
-            else np.zeros(0, CANDIDATE_COLUMNS[k])
-            for k, v in self.columns.items()
-        }
-        if self.messages is not None:
-            sizes = np.concatenate(self.message_sizes) if self.message_sizes else np.zeros(0, np.int64)
-            cols["message_offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        np.savez(self.path / "meta.npz", **cols)
-        assert int(cols["lengths"].sum()) == self.tokens, "part tokens disagree with their lengths"
+        for f in self.files.values():
+            f.close()
+        assert self.length_sum == self.tokens, "part tokens disagree with their lengths"
         (self.path / "report.json").write_text(json.dumps(counts))
 
 
@@ -105,30 +99,34 @@ class _Mapped:
 
 
 class EncodedPart:
-    """An encoded part read back: the per-candidate columns in memory, the tokens memory-mapped on demand."""
+    """An encoded part read back: the per-candidate columns in memory (a few tens of bytes per conversation),
+    the tokens memory-mapped on demand."""
 
     def __init__(self, path: Path):
         self.path = path
-        with np.load(path / "meta.npz") as meta:
-            self.columns = {k: meta[k] for k in meta.files}
+        self.columns = {
+            k: np.fromfile(path / f"{k}.bin", dtype=dtype) for k, dtype in CANDIDATE_COLUMNS.items()
+        }
         self.counts = json.loads((path / "report.json").read_text())
         lengths = self.columns["lengths"].astype(np.int64)
         self.starts = np.cumsum(lengths) - lengths  # token offset of each candidate (OK ones have tokens)
+        self.n = len(lengths)
         self._maps: tuple[_Mapped, _Mapped] | None = None
 
     def __len__(self) -> int:
-        return len(self.columns["status"])
+        return self.n
 
     def maps(self) -> tuple[_Mapped, _Mapped]:
         if self._maps is None:
             self._maps = (
                 _Mapped(self.path / "ids.bin", np.int32),
-                _Mapped(self.path / "trained.bin", np.uint8),
+                _Mapped(self.path / "mask.bin", np.uint8),
             )
         return self._maps
 
     def messages(self, candidates: np.ndarray) -> list[bytes]:
-        offsets = self.columns["message_offsets"]
+        sizes = np.fromfile(self.path / "message_sizes.bin", dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
         with (self.path / "messages.bin").open("rb") as f:
             out = []
             for k in candidates.tolist():
