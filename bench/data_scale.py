@@ -240,6 +240,26 @@ def tokenizer_limit(path: Path, limit: int) -> dict:
     return {"conversations": n, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
+class Lock:
+    """`--lock PATH`: hold an exclusive flock on PATH during each measured run (not while generating data), so
+    runs on a shared machine never overlap another heavy job that takes the same lock."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def __enter__(self) -> None:
+        if self.path:
+            import fcntl
+
+            self.f = open(self.path, "a")
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        self.load = os.getloadavg()[0]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path:
+            self.f.close()
+
+
 def machine() -> dict:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -268,6 +288,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=4096)
     ap.add_argument("--workdir", default="/tmp/sft-data-scale")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--lock", default=None, help="a file to flock during each measured run (shared machines)")
     args = ap.parse_args()
 
     import tokenizers
@@ -295,14 +316,23 @@ def main() -> None:
         path = work / f"mix-{n}.jsonl"
         write_mix(n, path)
         entry = {"conversations": n, "jsonl_gb": path.stat().st_size / 2**30}
-        entry["ours"] = run_ours(path, args.max_length, work / "cache")
+        lock = Lock(args.lock)
+        with lock:
+            entry["ours"] = {
+                **run_ours(path, args.max_length, work / "cache"),
+                "load_average_1min": lock.load,
+            }
         shutil.rmtree(work / "cache", ignore_errors=True)
-        entry["tokenizer_limit"] = tokenizer_limit(path, min(n, args.limit_max))
+        with lock:
+            limit = tokenizer_limit(path, min(n, args.limit_max))
+            entry["tokenizer_limit"] = {**limit, "load_average_1min": lock.load}
         entry["ours_fraction_of_limit"] = (
             entry["ours"]["tokens_per_s"] / entry["tokenizer_limit"]["tokens_per_s"]
         )
         if n in trl_sizes:
-            entry["trl"] = run_trl(path, args.max_length, cores, work, args.trl_timeout)
+            with lock:
+                trl_run = run_trl(path, args.max_length, cores, work, args.trl_timeout)
+                entry["trl"] = {**trl_run, "load_average_1min": lock.load}
             if "tokens_per_s" in entry["trl"]:
                 entry["ratio_ours_over_trl"] = entry["ours"]["tokens_per_s"] / entry["trl"]["tokens_per_s"]
         result["sizes"][str(n)] = entry
