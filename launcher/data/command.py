@@ -16,20 +16,21 @@ USAGE = (
     "sft prepare [--shard i/N | --shard auto] [overrides]\n\n"
     "Tokenizes, masks and packs the data once (cached by content hash) and prints the data report. With "
     "--shard i/N it only encodes shard i of N (JSON Lines split by byte range, other sources dealt whole) into "
-    "the shared cache, e.g. one per node or Slurm array task (`auto`: from SLURM_PROCID/SLURM_NTASKS or the "
-    "array task id/count); a plain `sft prepare` then merges the shards (preparing any missing one itself)."
+    "the shared cache, e.g. one per node or Slurm array task (`auto`: the srun step's task rank and count, or the "
+    "array task's; see slurm/prepare.sbatch); a plain `sft prepare` then merges the shards (preparing any missing one itself)."
 )
 
 
 def _shard_value(value: str) -> tuple[int, int]:
     if value == "auto":
         env = os.environ
-        for i, n in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if env.get(i, "").isdigit() and env.get(n, "").isdigit():
-                return _shard_value(f"{env[i]}/{env[n]}")
+        if env.get("SLURM_STEP_NUM_TASKS", "1") != "1":  # a task of an srun step: its rank among the step's
+            return _shard_value(f"{env.get('SLURM_PROCID')}/{env['SLURM_STEP_NUM_TASKS']}")
+        if env.get("SLURM_ARRAY_TASK_ID", "").isdigit() and env.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return _shard_value(f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{env['SLURM_ARRAY_TASK_COUNT']}")
         raise ValueError(
-            "--shard auto: no Slurm task here (SLURM_PROCID/SLURM_NTASKS or SLURM_ARRAY_TASK_ID/COUNT unset); "
-            "give --shard i/N"
+            "--shard auto: not a task of a multi-task srun step or of a Slurm job array here; give --shard i/N"
         )
     i, _, n = value.partition("/")
     if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
