@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_CPU := torch==$(shell sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile)
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the slow, Docker, Slurm and GPU tests.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not docker and not slurm and not gpu"
 
 lint: setup
 	$(BIN)/ruff check launcher tests bench && $(BIN)/ruff format --check launcher tests bench

@@ -74,7 +74,14 @@ def worker(args: argparse.Namespace) -> None:
     info = ds_engine.init_distributed(timeout_minutes=30)
     rank, world = info.rank, info.world_size
     sp = SequenceParallel(size, rank, world)
-    train_cfg = OmegaConf.create({"global_batch_size": sp.dp_world, "micro_batch_size": 1, "grad_clip": 1.0})
+    train_cfg = OmegaConf.create(
+        {
+            "global_batch_size": sp.dp_world,
+            "micro_batch_size": 1,
+            "grad_clip": 1.0,
+            "sequence_parallel_size": size,
+        }
+    )
     ds_cfg = OmegaConf.create(
         {
             "stage": 3,
@@ -84,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
             "overlap_comm": False,
         }
     )
-    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False, sp_size=size)
+    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False)
     ds_engine.zero_init_context(ds_config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(

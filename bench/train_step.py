@@ -20,7 +20,7 @@ gradient checkpointing, AdamW and (on CUDA) bf16:
 | `raw_ds`      | the same ZeRO-3 engine driven by hand: `eng(**batch).loss` (the model's own HF loss), backward, step |
 
 Step time is wall time from the end of one optimizer step to the end of the next (data collation included) after
-`--warmup` steps; tokens are non-pad tokens; MFU = `launcher.train.step_flops` / step time / `peak_flops`. Each
+`--warmup` steps; tokens are non-pad tokens; MFU = `launcher.metrics.step_flops` / step time / `peak_flops`. Each
 GPU variant runs in its own subprocess (clean memory peaks, no global state shared); on CPU `ours` and `raw_ds`
 alternate step by step in one process so machine noise hits both alike.
 
@@ -300,58 +300,52 @@ def _summary(name: str, dts: list[float], tokens: list[int], flops: list[float],
 
 
 class OursRunner:
-    """`ours`, `ours_padded` or `raw_ds`: a ZeRO-3 engine built as launcher.train builds it."""
+    """`ours`, `ours_padded` or `raw_ds`: the model, engine and loss `sft train` builds
+    (`launcher.run.build_trainable` on a composed config: the same precision, attention choice, activation
+    checkpointing, tiled-loss decision and DeepSpeed config as a user's run)."""
 
     def __init__(self, name: str, plan: dict, args: argparse.Namespace, info: Any):
         import torch
         from omegaconf import OmegaConf
 
-        from launcher import engine as ds_engine
-        from launcher.config import DeepSpeedConfig, ModelConfig, TrainConfig
-        from launcher.model import build_model
-        from launcher.model.attention import resolve_backend
-        from launcher.train import build_optimizer
+        from launcher.config import compose
+        from launcher.long_context.sequence_parallel import SequenceParallel
+        from launcher.run import build_trainable
 
         self.name, self.args, self.device = name, args, info.device
         cuda = self.device.type == "cuda"
         padded = name == "ours_padded"
-        self.attention = (
-            "sdpa" if padded else resolve_backend("torch_varlen" if cuda else "sdpa", self.device)
-        )
+        # TRL's padding-free collator feeds transformers' varlen interface: ours runs the same kernel on CUDA.
+        attention = "sdpa" if padded or not cuda else "torch_varlen"
         self.rows = plan["docs"] if padded else plan["rows"]
         self.schedule = plan["padded_schedule"] if padded else plan["packed_schedule"]
         self.micro = args.padded_micro if padded else args.micro
-        per_step = len(self.schedule[0])
         self.pad_id = plan["pad_id"]
-        t = OmegaConf.structured(
-            TrainConfig(
-                max_steps=len(self.schedule),
-                global_batch_size=per_step,
-                micro_batch_size=self.micro,
-                lr=args.lr,
-                warmup_steps=min(args.warmup, len(self.schedule) - 1),
-                weight_decay=0.0,
-                grad_clip=1.0,
-            )
+        cfg = compose(
+            [
+                "model=tiny",
+                f"model.attention={attention}",
+                "model.gradient_checkpointing=true",
+                f"train.max_steps={len(self.schedule)}",
+                f"train.global_batch_size={len(self.schedule[0])}",
+                f"train.micro_batch_size={self.micro}",
+                f"train.lr={args.lr}",
+                f"train.warmup_steps={min(args.warmup, len(self.schedule) - 1)}",
+                "train.grad_clip=1.0",
+            ]
         )
-        self.bf16 = cuda and ds_engine.bf16_supported()
-        ds_config = ds_engine.build_ds_config(OmegaConf.structured(DeepSpeedConfig()), t, 1, self.bf16)
-        model_cfg = OmegaConf.structured(
-            ModelConfig(init=dict(plan["init"]), attention=self.attention, gradient_checkpointing=True)
-        )
+        OmegaConf.update(cfg, "model.init", dict(plan["init"]), merge=False)  # the benchmark's model
         torch.manual_seed(0)
-        model = build_model(
-            model_cfg,
-            plan["vocab_size"],
-            self.attention,
-            torch.bfloat16 if self.bf16 else torch.float32,
-            ds_engine.zero_init_context(ds_config),
+        trainable = build_trainable(
+            cfg, info, plan["vocab_size"], SequenceParallel(1, 0, 1), say=lambda _: None
         )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model_config = model.config
-        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        optimizer, scheduler_factory = build_optimizer(model, t)
-        self.eng = ds_engine.initialize(model, optimizer, scheduler_factory, ds_config)
+        self.attention, self.loss_fn = trainable.choice.attention, trainable.loss_fn
+        self.precision, self.tiled_loss = trainable.choice.precision, trainable.choice.tiled_loss
+        self.model_config, self.n_params, self.eng = (
+            trainable.model.config,
+            trainable.n_params,
+            trainable.engine,
+        )
         self.dts: list[float] = []
         self.tokens: list[int] = []
         self.flops: list[float] = []
@@ -361,7 +355,8 @@ class OursRunner:
         import time as _time
 
         from launcher.data.loader import collate
-        from launcher.train import step_flops, train_step
+        from launcher.metrics import step_flops
+        from launcher.train import train_step
 
         _sync(self.device)
         t0 = _time.perf_counter()
@@ -377,9 +372,10 @@ class OursRunner:
                 self.eng.step()
             loss_value = loss.item()
         else:
-            loss_value = train_step(self.eng, rows, self.micro, self.attention, self.device, self.pad_id, 1)[
-                "loss"
-            ]
+            out = train_step(
+                self.eng, rows, self.micro, self.attention, self.device, self.pad_id, 1, self.loss_fn
+            )
+            loss_value = out["loss"]
         _sync(self.device)
         dt = _time.perf_counter() - t0
         self.losses.append(loss_value)
@@ -392,7 +388,11 @@ class OursRunner:
         return {
             **_summary(self.name, self.dts, self.tokens, self.flops, peak),
             "attention": self.attention,
-            "precision": "bf16 params + fp32 master (DeepSpeed bf16, ZeRO-3)" if self.bf16 else "fp32",
+            "precision": "bf16 params + fp32 master (DeepSpeed bf16, ZeRO-3)"
+            if self.precision.bf16
+            else "fp32",
+            "setup": "production: launcher.run.build_trainable on a composed config (what sft train builds)",
+            "tiled_loss": self.tiled_loss,
             "micro_batch_rows": self.micro,
             "rows_per_step": len(self.schedule[0]),
             "n_params": self.n_params,
@@ -412,8 +412,8 @@ def run_trl(name: str, plan: dict, args: argparse.Namespace) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from launcher.data.packing import doc_lengths
+    from launcher.metrics import peak_flops, step_flops
     from launcher.model.attention import register_varlen, varlen_available
-    from launcher.train import peak_flops, step_flops
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -543,7 +543,7 @@ def worker(args: argparse.Namespace) -> None:
         results[names[0]] = run_trl(names[0], plan, args)
     else:
         from launcher import engine as ds_engine
-        from launcher.train import peak_flops
+        from launcher.metrics import peak_flops
 
         info = ds_engine.init_distributed(30)
         runners = [OursRunner(n, plan, args, info) for n in names]

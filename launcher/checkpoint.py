@@ -50,6 +50,7 @@ EXACTNESS_KEYS = (
     "train.lr",
     "train.min_lr_ratio",
     "train.warmup_steps",
+    "train.warmup_ratio",
     "train.schedule",
     "train.weight_decay",
     "train.adam_beta1",

@@ -192,8 +192,10 @@ class TrainConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final lr as a fraction of the peak (cosine/linear)."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
+    warmup_steps: int | None = None
+    """Linear warmup steps; unset: `warmup_ratio` decides."""
+    warmup_ratio: float = 0.0
+    """Linear warmup as a fraction of max_steps (rounded to whole steps), when `warmup_steps` is unset."""
     schedule: Schedule = Schedule.cosine
     """Decay after warmup."""
     weight_decay: float = 0.0
@@ -315,6 +317,13 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
+def batch_layout(t: Any, world_size: int) -> tuple[int, int]:
+    """(data-parallel ranks, gradient accumulation steps) of a valid train config on `world_size` ranks: S
+    consecutive ranks share each row under sequence parallelism, so rows are dealt to world / S ranks."""
+    dp = world_size // t.sequence_parallel_size
+    return dp, t.global_batch_size // (t.micro_batch_size * dp)
+
+
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Check every numeric field's domain and the fields that depend on each other; raise one ValueError (one
     line) listing every problem."""
@@ -346,11 +355,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     need(t.max_steps > 0, "train.max_steps", t.max_steps, "positive")
     need(
-        0 <= t.warmup_steps < max(t.max_steps, 1),
+        t.warmup_steps is None or 0 <= t.warmup_steps < max(t.max_steps, 1),
         "train.warmup_steps",
         t.warmup_steps,
-        f"in [0, max_steps={t.max_steps})",
+        f"in [0, max_steps={t.max_steps}) (or unset it and give train.warmup_ratio, a fraction of max_steps)",
     )
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)")
     need(t.lr > 0, "train.lr", t.lr, "positive")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
     need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")

@@ -20,6 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launcher.config import batch_layout
+from launcher.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -129,18 +132,12 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def build_ds_config(
-    ds_cfg: Any, train_cfg: Any, world_size: int, bf16: bool, sp_size: int = 1
-) -> dict[str, Any]:
+def build_ds_config(ds_cfg: Any, train_cfg: Any, world_size: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed dict for this run (ZeRO stage, precision, clipping, batch sizes).
 
-    With sequence parallelism (`sp_size` ranks per row) the accumulation counts data-parallel ranks, while
+    With sequence parallelism (S ranks per row) the accumulation counts data-parallel ranks, while
     DeepSpeed, which sees every rank as data-parallel, checks train_batch_size = micro x accum x world."""
-    accum = train_cfg.global_batch_size // (train_cfg.micro_batch_size * (world_size // sp_size))
+    _, accum = batch_layout(train_cfg, world_size)
     zero: dict[str, Any] = {
         "stage": ds_cfg.stage,
         "overlap_comm": ds_cfg.overlap_comm,
@@ -162,7 +159,7 @@ def build_ds_config(
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": train_cfg.global_batch_size * sp_size,
+        "train_batch_size": train_cfg.global_batch_size * train_cfg.sequence_parallel_size,
         "gradient_clipping": train_cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
@@ -230,18 +227,28 @@ def local_construction():
             set_hf_deepspeed_config(_HF_DS_CONFIG)
 
 
-def initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any, ds_config: dict) -> Any:
+def initialize(
+    model: torch.nn.Module, optimizer: Any, scheduler: Any, ds_config: dict, user_file: str | None = None
+) -> Any:
+    """The DeepSpeed engine. DeepSpeed validates the merged config here: when the user gave their own JSON
+    (`user_file`), its refusal is theirs to fix, said in one line naming the file."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+    except ValueError as e:  # pydantic's ValidationError is one
+        if user_file is None:
+            raise
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(f"deepspeed.config_file={user_file}: DeepSpeed refused the config: {detail}") from e
     return engine
 
 
 def backward(engine: Any, loss: torch.Tensor) -> None:
     """Backward without DeepSpeed's 1/accumulation scaling: the loss is already normalised by the step's
-    global token count (see launcher.train.micro_step)."""
+    global token count (see launcher.train.train_step)."""
     engine.backward(loss, scale_wrt_gas=False)
 
 

@@ -1,29 +1,17 @@
-"""Shared fixtures: real tokenizers, tiny real HF models, and a torchrun runner for distributed tests."""
+"""pytest fixtures shared by several test modules (plain helpers are in tests/helpers.py)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import ASSETS, launch, train_rows
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-ASSETS = ROOT / "launcher" / "assets"
-
-
-def fixture_path(*parts: str) -> Path:
-    path = FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent (../shared/fixtures is provided in CI)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -33,26 +21,15 @@ def demo_tokenizer():
     return AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
 
 
-def sft_launch(overrides: list[str], run_dir: Path, cache_dir: Path, timeout: int = 900) -> str:
-    """`sft launch --nproc 2` with overrides into run_dir; asserts success and returns its stdout."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "launch",
-        "--nproc",
-        "2",
-        *overrides,
-        f"run_dir={run_dir}",
-        f"cache_dir={cache_dir}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory):
+    """An uninterrupted 8-step small run (tests.helpers.SMALL_RUN): (its per-step metrics, the data cache dir,
+    its run dir). The resume tests compare their split runs with it."""
+    tmp = tmp_path_factory.mktemp("straight")
+    launch(tmp / "run", tmp / "cache", "train.max_steps=8")
+    return train_rows(tmp / "run"), tmp / "cache", tmp / "run"
 
 
-def torchrun(args: list[str], nproc: int, cwd: Path, timeout: int = 600, env: dict | None = None):
-    """Run `python -m torch.distributed.run` on CPU ranks; returns the CompletedProcess (output captured)."""
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def straight(straight_run):
+    return straight_run[:2]

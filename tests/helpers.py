@@ -1,11 +1,236 @@
-"""Shared test helpers: reference computations, tiny model configs per family, the ZeRO-3 dict, `run_cli`."""
+"""What tests share: paths and fixtures, running `sft` and torchrun, small runs and their run dirs, tiny models, the
+ZeRO-3 dict, reference computations. Test modules import from here, never from each other; pytest fixtures that
+several modules use are in conftest.py.
+
+    proc = run_cli(["config", "train.max_steps=3"], expect_code=0)
+    out = sft_launch([*SMALL_RUN, "train.max_steps=4"], run_dir, cache)
+    model = AutoModelForCausalLM.from_config(tiny_config("mistral_sliding"), attn_implementation="sdpa")
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+ASSETS = ROOT / "launcher" / "assets"
+WORKERS = ROOT / "tests" / "workers"
+
+
+def fixture_path(*parts: str) -> Path:
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/fixtures is provided in CI)")
+    return path
+
+
+# ---- running `sft`, torchrun and workers: always the checkout under test ----
+
+
+def sft_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process the tests start: this checkout first on the import path (a worker or `sft`
+    must not import a `launcher` installed elsewhere), CPU DeepSpeed, the hub offline."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **(extra or {})}
+
+
+def sft_cmd(*args: str) -> list[str]:
+    """`sft <args>` as a command line (`python -m launcher.cli`, this interpreter)."""
+    return [sys.executable, "-m", "launcher.cli", *args]
+
+
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, expect_code: int | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `sft <args>` from the repository root, output captured; with `expect_code`, assert the exit code
+    (showing the output's tail when it differs)."""
+    proc = subprocess.run(
+        sft_cmd(*args), cwd=ROOT, env=sft_env(env), capture_output=True, text=True, timeout=timeout
+    )
+    if expect_code is not None:
+        assert proc.returncode == expect_code, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def sft_launch(overrides: list[str], run_dir: Path, cache_dir: Path, timeout: int = 900) -> str:
+    """`sft launch --nproc 2` with overrides into run_dir; asserts success and returns its stdout."""
+    args = ["launch", "--nproc", "2", *overrides, f"run_dir={run_dir}", f"cache_dir={cache_dir}"]
+    return run_cli(args, expect_code=0, timeout=timeout).stdout
+
+
+def torchrun(args: list[str], nproc: int, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
+    """`python -m torch.distributed.run` on CPU ranks (a worker script under tests/workers/, or `-m ...`);
+    returns the CompletedProcess (output captured)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    full_env = sft_env({"OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def worker(name: str) -> str:
+    """The path of a torchrun worker script in tests/workers/."""
+    return str(WORKERS / name)
+
+
+# ---- a small run of the demo model, and what its run dir says ----
+
+# A constant schedule after warmup keeps the lr independent of max_steps (the only thing that differs between
+# the runs in the resume tests); a scheduler that was not restored would restart warmup and show in the lr.
+SMALL_RUN = [
+    "model.init.num_hidden_layers=2",
+    "model.init.hidden_size=64",
+    "model.init.intermediate_size=128",
+    "data.max_length=256",
+    "train.warmup_steps=5",
+    "train.schedule=constant",
+    "train.lr=3e-3",
+    "train.log_every=1",
+    "train.exact_match_eval=false",
+    "train.export=false",
+    "train.check_packing=false",
+    "logging.wandb_mode=disabled",
+    "logging.progress=false",
+]
+# Training collectives time out after 30 s in the fault tests; data preparation keeps its own long timeout.
+SHORT_TIMEOUT = "deepspeed.timeout_minutes=0.5"
+
+
+def launch(run_dir: Path, cache: Path, *extra: str) -> str:
+    """`sft launch --nproc 2` of the small run with `extra` overrides; its stdout."""
+    return sft_launch([*SMALL_RUN, *extra], run_dir, cache, timeout=600)
+
+
+def train_rows(run_dir: Path) -> dict[int, dict]:
+    """Training rows of metrics.jsonl by step; a step logged again (after a resume) keeps its latest row."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def logged_steps(run_dir: Path) -> int:
+    """The last step in metrics.jsonl so far (0 before the file exists; a line being written is skipped)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            pass
+    return max(steps, default=0)
+
+
+def assert_same_steps(got: dict[int, dict], want: dict[int, dict], steps: int = 8) -> None:
+    """Two runs' steps 1..`steps` agree in loss, lr, gradient norm and trained tokens."""
+    assert sorted(got) == list(range(1, steps + 1)), sorted(got)
+    for step in range(1, steps + 1):
+        for key in ("loss", "lr", "grad_norm", "trained_tokens"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def ranks_running(run_dir: Path) -> list[int]:
+    """Pids of processes whose command line names this run dir (launcher, agent or rank)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"run_dir={run_dir}".encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # exited while we looked
+            pass
+    return pids
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` in this run (its environment says RANK=<rank> under
+    torchrun, SLURM_PROCID=<rank> under srun)."""
+    for pid in ranks_running(run_dir):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        mine = {f"RANK={rank}".encode(), f"SLURM_PROCID={rank}".encode()} & set(env)
+        if mine and b"train" in args and b"launch" not in args:
+            return pid
+    return None
+
+
+def kill_rank_after_checkpoint(run_dir: Path, rank: int, running, sig: int = signal.SIGKILL) -> float:
+    """Signal `rank` (SIGKILL: dies; SIGSTOP: hangs) once step 4 (after the step-3 checkpoint) is logged;
+    returns the time of the signal. `running()` tells whether the job still runs."""
+    deadline = time.time() + 300
+    while logged_steps(run_dir) < 4 and running() and time.time() < deadline:
+        time.sleep(0.05)
+    pid = rank_pid(run_dir, rank)
+    assert pid is not None and running(), "the job was not training"
+    os.kill(pid, sig)
+    return time.time()
+
+
+# ---- tiny models and the ZeRO-3 config ----
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+# Windows shorter than the longest test document (LENGTHS), so a missing window would show.
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama"),
+    "llama_tied": dict(model_type="llama", tie_word_embeddings=True),
+    "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "mistral_sliding": dict(model_type="mistral", sliding_window=5),
+    "gemma2": dict(model_type="gemma2", sliding_window=4, head_dim=8),
+    "gemma3": dict(model_type="gemma3_text", sliding_window=4, head_dim=8),
+}
+LENGTHS = [9, 13, 6, 11]  # documents of the packing tests: 39 tokens
+
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
+    """A tiny transformers config of `arch` (see ARCHS), built by transformers' own config class."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{**TINY, **ARCHS[arch], **overrides})
+
+
+ZERO3 = {
+    "stage": 3,
+    "offload_optimizer": False,
+    "offload_params": False,
+    "config_file": None,
+    "overlap_comm": False,
+}
+
+
+def ds_config(global_batch: int, micro: int, world: int, grad_clip: float = 1.0, sp: int = 1) -> dict:
+    """The DeepSpeed dict `launcher.engine` builds for ZeRO-3 with these batch sizes (fp32)."""
+    from omegaconf import OmegaConf
+
+    from launcher.engine import build_ds_config
+
+    train = {"global_batch_size": global_batch, "micro_batch_size": micro, "grad_clip": grad_clip}
+    train["sequence_parallel_size"] = sp
+    return build_ds_config(OmegaConf.create(ZERO3), OmegaConf.create(train), world, bf16=False)
+
+
+# ---- references ----
 
 
 def full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,3 +241,18 @@ def full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
         logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+def trained_spans(tok: Any, enc: dict) -> list[str]:
+    """The decoded runs of trained tokens of one encoded conversation (labels unshifted)."""
+    spans, cur = [], []
+    for i, lab in zip(enc["input_ids"], enc["labels"]):
+        if lab != IGNORE_INDEX:
+            assert lab == i, "labels are unshifted: a trained label equals its input id"
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return [tok.decode(s) for s in spans]

@@ -12,39 +12,20 @@ from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
 from launcher.evaluate import check_packing, packing_error
 from launcher.model import load_model
-from tests.helpers import full_logits_loss
+from tests.helpers import ARCHS, LENGTHS, full_logits_loss, tiny_config
 from tests.reference_kernels import reference_varlen_attn, use_reference_flash
 
-SMALL = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-# Windows shorter than the longest document, so a missing window would show.
-ARCHS = {
-    "llama": dict(model_type="llama"),
-    "llama_tied": dict(model_type="llama", tie_word_embeddings=True),
-    "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
-    "mistral_sliding": dict(model_type="mistral", sliding_window=5),
-    "gemma2": dict(model_type="gemma2", sliding_window=4, head_dim=8),
-    "gemma3": dict(model_type="gemma3_text", sliding_window=4, head_dim=8),
-}
 BACKENDS = ["eager", "sdpa", "flex_attention"]
 # transformers has no sdpa path for Gemma2.
 UNSUPPORTED = {("gemma2", "sdpa")}
-LENGTHS = [9, 13, 6, 11]
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     dirs = {}
-    for name, extra in ARCHS.items():
+    for name in ARCHS:
         torch.manual_seed(0)
-        cfg = AutoConfig.for_model(**{**SMALL, **extra})
+        cfg = tiny_config(name)
         d = tmp_path_factory.mktemp(name)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
         dirs[name] = d
@@ -280,7 +261,6 @@ def test_torch_varlen_refuses_what_the_kernel_cannot_apply(kwargs):
 
 
 def test_auto_backend_follows_the_model(model_dirs):
-    from transformers import AutoConfig
 
     from launcher.model.attention import attention_needs, resolve_backend
 

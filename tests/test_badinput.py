@@ -9,17 +9,15 @@ fail in the launcher's pre-flight within seconds, before any rank starts; `RANK_
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.badinput
 
@@ -114,10 +112,10 @@ CASES = [
         ["re:^error: invalid config: model.checkpoint_offload=true needs model.gradient_checkpointing=true"],
     ),
     # ---- the command line ----
-    Case("nproc_missing", ["--nproc"], ["--nproc needs a value"]),
-    Case("nproc_word", ["--nproc", "two"], ["--nproc two", "positive whole number"]),
+    Case("nproc_missing", ["--nproc"], ["sft launch: argument --nproc: expected one argument"]),
+    Case("nproc_word", ["--nproc", "two"], ["argument --nproc", "positive whole number, got 'two'"]),
     Case("command_typo", [], ["unknown command 'lanch'", "did you mean 'launch'"], command="lanch"),
-    Case("preview_n", ["-n"], ["-n needs a whole number"], command="preview"),
+    Case("preview_n", ["-n"], ["sft preview: argument -n: expected one argument"], command="preview"),
     # ---- model, tokenizer, hub ----
     Case(
         "model_dir_missing",
@@ -325,16 +323,9 @@ def materialise(case: Case, tmp: Path) -> list[str]:
 
 
 def run_case(case: Case, tmp: Path) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("SFT_DEBUG", None)
     t0 = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *materialise(case, tmp)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600 if case.ranks else 120,
+    proc = run_cli(
+        materialise(case, tmp), {"OMP_NUM_THREADS": "1", "SFT_DEBUG": ""}, timeout=600 if case.ranks else 120
     )
     return proc, time.time() - t0
 
@@ -378,19 +369,12 @@ def test_bad_input_is_one_clear_line(case, tmp_path):
 
 def test_help_and_version():
     for command in ("launch", "train", "prepare", "preview", "check", "config"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "launcher.cli", command, "--help"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        proc = run_cli([command, "--help"], expect_code=0)
+        assert proc.stderr == "", proc.stderr
         assert proc.stdout.startswith(f"usage: sft {command}") and "model      hf, tiny" in proc.stdout
         assert "sft config" in proc.stdout  # how to list every key
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "--version"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert proc.returncode == 0 and re.fullmatch(r"sft-launcher \S+\n", proc.stdout), proc.stdout
+    proc = run_cli(["--version"], expect_code=0)
+    assert re.fullmatch(r"sft-launcher \S+\n", proc.stdout), proc.stdout
 
 
 def table(tmp_root: Path) -> str:
@@ -425,21 +409,10 @@ SECRETS = {
 def test_a_run_keeps_secrets_out_and_third_party_noise_off(tmp_path):
     """A tiny real run with fake secrets in the environment: none of them lands in any file of the run dir
     (config.yaml, metrics, logs, wandb's offline files), and the console carries no deprecation noise."""
-    env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "launch",
-        "--nproc",
-        "2",
-        *FAST,
-        "logging.wandb_mode=offline",
-    ]
-    cmd += ["train.export=true", f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["launch", "--nproc", "2", *FAST, "logging.wandb_mode=offline", "train.export=true"]
+    args += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
+    proc = run_cli(args, {**SECRETS, "OMP_NUM_THREADS": "1"}, expect_code=0, timeout=600)
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and (run_dir / "config.yaml").exists(), files
     for p in files:
@@ -452,11 +425,7 @@ def test_a_run_keeps_secrets_out_and_third_party_noise_off(tmp_path):
 
 
 def test_sft_debug_shows_the_traceback():
-    env = {**os.environ, "SFT_DEBUG": "1"}
-    cmd = [sys.executable, "-m", "launcher.cli", "config", "train.max_stepz=3"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" in proc.stderr and "max_stepz" in proc.stderr, proc.stderr[
-        -2000:
-    ]
-    plain = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    proc = run_cli(["config", "train.max_stepz=3"], {"SFT_DEBUG": "1"}, expect_code=1)
+    assert "Traceback" in proc.stderr and "max_stepz" in proc.stderr, proc.stderr[-2000:]
+    plain = run_cli(["config", "train.max_stepz=3"], {"SFT_DEBUG": ""}, expect_code=2)
+    assert "Traceback" not in plain.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launcher import checkpoint
-from tests.conftest import ROOT
+from tests.helpers import ROOT, SMALL_RUN, logged_steps
 
 
 def fake_checkpoint(root, step: int, complete: bool = True, files: dict[str, int] | None = None):
@@ -77,7 +77,6 @@ def can_mount_tmpfs() -> bool:
 @pytest.mark.faults
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount a small tmpfs as a full disk")
 def test_a_full_disk_names_the_path_and_leaves_latest_on_the_previous_checkpoint(tmp_path):
-    from tests.test_resume import COMMON, logged_steps
 
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
@@ -91,7 +90,7 @@ def test_a_full_disk_names_the_path_and_leaves_latest_on_the_previous_checkpoint
             "launch",
             "--nproc",
             "2",
-            *COMMON,
+            *SMALL_RUN,
             "train.max_steps=1000",
         ]
         cmd += ["train.save_every=10", f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]

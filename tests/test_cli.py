@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.helpers import ROOT, run_cli
 
 
 def sft(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    return run_cli(list(args))
 
 
 def test_preview_brackets_exactly_the_assistant_turns():
@@ -58,3 +58,38 @@ def test_help_into_a_closed_pipe_is_quiet():
         cmd = f"{sys.executable} -m launcher.cli {' '.join(args)} | head -c 1"
         out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.stdout and out.stderr == "", (args, out.stderr[-2000:])
+
+
+def test_only_our_own_checks_errors_are_the_users():
+    """A ValueError our code raises (a check naming the key) is the user's: exit 2. The same exception type
+    raised inside a third party (transformers refusing something the user never chose) is an internal error:
+    exit 1, with its traceback."""
+    from transformers import AutoConfig
+
+    from launcher.config import compose, validate
+    from launcher.errors import EXIT_BUG, EXIT_USER, UserError, exit_code
+
+    with pytest.raises(ValueError) as ours:
+        validate(compose(["train.log_every=0"]), world_size=2)
+    with pytest.raises(ValueError) as theirs:
+        AutoConfig.for_model("no-such-model-type")
+    assert exit_code(ours.value) == EXIT_USER and exit_code(theirs.value) == EXIT_BUG
+    assert exit_code(UserError("wrapped detail")) == EXIT_USER
+    assert exit_code(AssertionError("an invariant")) == EXIT_BUG
+
+
+def test_a_rising_eval_loss_is_said_once_with_the_likely_cause(capsys):
+    from types import SimpleNamespace
+
+    from launcher.config import compose
+    from launcher.train import warn_if_eval_rises
+
+    run = SimpleNamespace(cfg=compose([]), say=print)
+    results = {"eval_loss_before": 1.88}
+    warn_if_eval_rises(run, results, 1.95, 10)  # within 10%: training noise
+    assert capsys.readouterr().out == ""
+    warn_if_eval_rises(run, results, 2.48, 20)
+    warn_if_eval_rises(run, results, 2.60, 30)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "eval loss rose from 1.8800 at step 0 to 2.4800 at step 20" in out[0]
+    assert "train.lr=0.002" in out[0]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from launcher.config import CONF_DIR, compose, validate
+from tests.helpers import run_cli
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF_DIR.iterdir() if p.is_dir()}
 
@@ -63,21 +61,13 @@ def test_validate_reports_every_problem_at_once():
 
 @pytest.mark.badinput
 def test_cli_bad_config_is_one_clear_line():
-    out = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "config", "train.max_stepz=3"], capture_output=True, text=True
-    )
-    assert out.returncode == 2
+    out = run_cli(["config", "train.max_stepz=3"], expect_code=2)
     assert "max_stepz" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.badinput
 def test_launch_validates_before_starting_ranks():
-    out = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", "train.global_batch_size=7"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 2
+    out = run_cli(["launch", "--nproc", "2", "train.global_batch_size=7"], expect_code=2)
     assert "global_batch_size=7" in out.stderr and "launching" not in out.stdout
 
 
@@ -149,3 +139,26 @@ def test_sequence_parallel_batch_arithmetic_counts_data_parallel_ranks():
         validate(compose(["train.sequence_parallel_size=3"]), world_size=4)
     with pytest.raises(ValueError, match=r"train.tiled_loss=maybe must be auto, true or false"):
         validate(compose(["train.tiled_loss=maybe"]), world_size=2)
+
+
+def test_pretrained_weights_bring_the_pretrained_training_defaults():
+    """`model=hf` composes train=default (the demo's lr 2e-3 would wreck pretrained weights); an explicit train
+    group or key on the command line still wins."""
+    demo, hf = compose([]), compose(["model=hf", "model.name_or_path=some/model"])
+    default = compose(["train=default"])
+    assert demo.train.lr == 2e-3 and hf.train == default.train and hf.train.lr == 1e-5
+    assert compose(["model=hf", "model.name_or_path=x", "train=demo"]).train.lr == 2e-3
+    assert compose(["model=hf", "model.name_or_path=x", "train.lr=3e-5"]).train.lr == 3e-5
+
+
+def test_warmup_ratio_is_a_fraction_of_max_steps_and_warmup_steps_wins():
+    from launcher.optim import lr_factor, warmup_steps
+
+    assert warmup_steps(compose([]).train) == 20  # the demo: 0.067 of 300 steps
+    trial = compose(["train.max_steps=10"]).train  # a short trial of the demo no longer trips over warmup
+    validate(compose(["train.max_steps=10"]), world_size=2)
+    assert warmup_steps(trial) == 1 and lr_factor(0, trial) == 0.5 and lr_factor(1, trial) == 1.0
+    assert warmup_steps(compose(["train=default", "train.max_steps=2000"]).train) == 60
+    assert warmup_steps(compose(["train.warmup_steps=7"]).train) == 7  # steps, when given, win over the ratio
+    with pytest.raises(ValueError, match=r"train.warmup_ratio=1.5 must be in \[0, 1\)"):
+        validate(compose(["train.warmup_ratio=1.5"]), world_size=2)

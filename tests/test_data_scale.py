@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import subprocess
 import sys
@@ -23,8 +22,7 @@ from launcher.data.pipeline import cached_prepare, prepare_data
 from launcher.data.store import EncodedPart, PartWriter, load_rows, write_rows
 from launcher.data.template import IGNORE_INDEX, encode_conversation
 from launcher.model import load_tokenizer
-from tests.conftest import ROOT
-from tests.test_slurm import cluster, two_nodes  # noqa: F401 (fixtures: skip without a Slurm cluster)
+from tests.helpers import ROOT, sft_cmd, sft_env
 
 
 def aranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -212,9 +210,9 @@ def test_masks_at_scale_are_the_single_conversation_encoding(big_jsonl, in_worke
         assert rows.labels[a:b].tolist() == [IGNORE_INDEX] + enc["labels"][1:]
 
 
-def sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def sft(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        sft_cmd(*args), cwd=ROOT, env=sft_env(), capture_output=True, text=True, timeout=600
     )
 
 
@@ -258,7 +256,7 @@ def test_a_bad_line_deep_in_a_big_file_is_named_with_its_line(tmp_path, how):
             "from launcher.cli import main; sys.exit(main(sys.argv[1:]))"
         )
         cmd = [sys.executable, "-c", code, "prepare", "data.num_proc=2", *overrides]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(cmd, cwd=ROOT, env=sft_env(), capture_output=True, text=True, timeout=300)
     else:  # a shard that starts mid-file counts the lines before it
         out = sft("prepare", "--shard", "1/2", *overrides)
     assert out.returncode == 2, out.stderr[-3000:]
@@ -284,42 +282,3 @@ def test_progress_says_rows_and_tokens_per_second(tmp_path, monkeypatch):
     encode = next(x for x in lines if x.startswith("data: encode d.jsonl 100%"))
     assert "2,000 rows" in encode and " rows/s" in encode and " tokens/s" in encode
     assert any(x.startswith("data: write train 100%") for x in lines)
-
-
-def sbatch_prepare(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, str]:
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
-    cmd = ["sbatch", "--parsable", "--wait", "--time=10", f"--output={cwd}/slurm-%A_%a-%j.out", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    return proc, "".join(p.read_text() for p in sorted(cwd.glob("slurm-*.out")))
-
-
-@pytest.mark.slurm
-@pytest.mark.multinode
-def test_prepare_sbatch_one_srun_step_over_two_nodes(two_nodes, tmp_path, big_jsonl, in_workers):  # noqa: F811
-    overrides = [*recipe(big_jsonl), f"cache_dir={tmp_path / 'cache'}", "logging.progress=false"]
-    script = str(ROOT / "slurm" / "prepare.sbatch")
-    proc, logs = sbatch_prepare(
-        ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", script, *overrides], tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:] + logs[-4000:]
-    assert "2 shards on" in logs and "shard 0/2 encoded" in logs and "shard 1/2 encoded" in logs, logs[-3000:]
-    assert "was not prepared" not in logs, "the merge found both shards"
-    cfg = compose(overrides)
-    loaded = cached_prepare(cfg.data, load_tokenizer(cfg.model), None, str(tmp_path / "cache"), build=False)
-    assert loaded.train_rows == in_workers.train_rows and loaded.eval_rows == in_workers.eval_rows
-
-
-@pytest.mark.slurm
-def test_prepare_sbatch_job_array_then_a_merge_job(cluster, tmp_path, big_jsonl, in_workers):  # noqa: F811
-    overrides = [*recipe(big_jsonl), f"cache_dir={tmp_path / 'cache'}", "logging.progress=false"]
-    script = str(ROOT / "slurm" / "prepare.sbatch")
-    proc, logs = sbatch_prepare(["--array=1-3", "--cpus-per-task=1", script, *overrides], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:] + logs[-4000:]
-    assert all(f"shard {i}/3 encoded" in logs for i in range(3)), logs[-3000:]
-    proc, logs = sbatch_prepare(["--cpus-per-task=1", script, *overrides], tmp_path)
-    assert proc.returncode == 0 and "was not prepared" not in logs, logs[-4000:]
-    cfg = compose(overrides)
-    loaded = cached_prepare(cfg.data, load_tokenizer(cfg.model), None, str(tmp_path / "cache"), build=False)
-    assert loaded.train_rows == in_workers.train_rows and loaded.eval_rows == in_workers.eval_rows
-    again = sft("prepare", *overrides)
-    assert again.stdout.startswith("data cache hit: ")

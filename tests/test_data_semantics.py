@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from launcher.data.pipeline import format_report, prepare_data
 from launcher.data.sources import RowError
 from launcher.data.template import IGNORE_INDEX
 from launcher.model import load_tokenizer
-from tests.conftest import ROOT
+from tests.helpers import run_cli
 
 
 def conv(i: int, turns: int = 1, system: str | None = None) -> list[dict]:
@@ -177,11 +175,14 @@ def test_eval_size_holds_out_exactly_that_many(tmp_path):
 
 def test_sft_prepare_builds_then_hits_the_cache(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": conv(i)} for i in range(6)])
-    cmd = [sys.executable, "-m", "launcher.cli", "prepare", f"data.sources=[{{path: {path}}}]"]
-    cmd += ["data.eval_sources=[]", f"cache_dir={tmp_path / 'cache'}"]
-    outs = [subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120) for _ in range(2)]
+    args = [
+        "prepare",
+        f"data.sources=[{{path: {path}}}]",
+        "data.eval_sources=[]",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    outs = [run_cli(args, expect_code=0, timeout=120) for _ in range(2)]
     for out in outs:
-        assert out.returncode == 0, out.stderr[-2000:]
         assert "d.jsonl" in out.stdout and "packed 6 conversations" in out.stdout
     first, second = (json.loads(o.stdout.strip().splitlines()[-1]) for o in outs)
     assert first["hit"] is False and second["hit"] is True and first["path"] == second["path"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ROOT, torchrun
+from tests.helpers import ROOT, SMALL_RUN, torchrun, worker
 
 
 @pytest.mark.slow
@@ -14,9 +14,7 @@ def test_loss_and_update_invariant_to_micro_batch_accumulation_and_world_size(tm
     results = {}
     for micro, accum, world in [(4, 1, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)]:
         out = tmp_path / f"{micro}-{accum}-{world}.pt"
-        proc = torchrun(
-            ["tests/dist_loss_worker.py", str(micro), str(accum), str(out)], world, ROOT, timeout=300
-        )
+        proc = torchrun([worker("loss.py"), str(micro), str(accum), str(out)], world, ROOT, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[(micro, accum, world)] = torch.load(out)
     ref = results[(4, 1, 1)]
@@ -43,11 +41,9 @@ def test_the_deepspeed_launcher_runs_sft_train(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_resume import COMMON
-
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731"]
-    cmd += ["--module", "launcher.cli", "train", *COMMON, "train.max_steps=2", "train.warmup_steps=1"]
+    cmd += ["--module", "launcher.cli", "train", *SMALL_RUN, "train.max_steps=2", "train.warmup_steps=1"]
     cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -67,15 +63,13 @@ def test_two_nodes_share_one_cache_and_train_as_one_job(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_resume import COMMON
-
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}"]
         cmd += ["--nproc_per_node=1", "--master_addr=127.0.0.1", "--master_port=29733"]
-        cmd += ["-m", "launcher.cli", "train", *COMMON, "train.max_steps=2", "train.warmup_steps=1"]
+        cmd += ["-m", "launcher.cli", "train", *SMALL_RUN, "train.max_steps=2", "train.warmup_steps=1"]
         cmd += [f"run_dir={run_dir}", f"cache_dir={cache}"]
         with open(tmp_path / f"node{node}.log", "w") as log:  # the child keeps its own copy of the file
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))

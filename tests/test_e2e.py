@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from tests.conftest import sft_launch
+from tests.helpers import sft_launch
 
 OVERRIDES = [
     "model.init.num_hidden_layers=2",

@@ -8,6 +8,7 @@ import pytest
 
 from launcher.config import compose
 from launcher.engine import build_ds_config
+from tests.helpers import launch, train_rows
 
 
 def test_generated_dict_from_the_typed_config():
@@ -51,7 +52,6 @@ def test_malformed_user_json_names_file_and_line(tmp_path):
 @pytest.mark.slow
 def test_offload_preset_trains_like_the_default(tmp_path):
     """ZeRO-3 with optimizer and parameters offloaded to the CPU takes the same steps as without offload."""
-    from tests.test_resume import launch, train_rows
 
     cache = tmp_path / "cache"
     launch(tmp_path / "plain", cache, "train.max_steps=3", "train.warmup_steps=1")

@@ -12,6 +12,7 @@ from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
 from launcher.model import load_model
 from launcher.model.attention import varlen_available
+from tests.helpers import sft_cmd
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,14 +84,13 @@ def test_sft_launch_trains_on_the_gpu_in_bf16_with_the_varlen_kernel(tmp_path):
     """The embedded default on one GPU: `auto` resolves to a varlen kernel, bf16, MFU logged, the loss falls."""
     import json
     import subprocess
-    import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     run_dir = tmp_path / "run"
     overrides = ["train.max_steps=30", "train.log_every=1", "train.exact_match_eval=false"]
     overrides += ["logging.wandb_mode=disabled", "logging.progress=false"]
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "1", *overrides]
+    cmd = sft_cmd("launch", "--nproc", "1", *overrides)
     cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -111,9 +111,8 @@ def test_sequence_parallel_on_two_gpus_with_the_varlen_kernel_trains_like_s1(tmp
     the order of the sums differs, so not bit for bit)."""
     import json
     import subprocess
-    import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     losses = {}
     for s in (1, 2):
@@ -124,7 +123,7 @@ def test_sequence_parallel_on_two_gpus_with_the_varlen_kernel_trains_like_s1(tmp
             "logging.progress=false",
             f"train.sequence_parallel_size={s}",
         ]
-        cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *overrides]
+        cmd = sft_cmd("launch", "--nproc", "2", *overrides)
         cmd += [f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", "train.global_batch_size=8"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -15,45 +15,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_resume import COMMON, launch, logged_steps, ranks_running, train_rows
-
-# Training collectives time out after 30 s here; data preparation keeps its own long timeout.
-SHORT_TIMEOUT = "deepspeed.timeout_minutes=0.5"
-
-
-def rank_pid(run_dir: Path, rank: int) -> int | None:
-    """The pid of the training process of `rank` in this run (its environment says RANK=<rank> under
-    torchrun, SLURM_PROCID=<rank> under srun)."""
-    for pid in ranks_running(run_dir):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        mine = {f"RANK={rank}".encode(), f"SLURM_PROCID={rank}".encode()} & set(env)
-        if mine and b"train" in args and b"launch" not in args:
-            return pid
-    return None
-
-
-def kill_rank_after_checkpoint(run_dir: Path, rank: int, running, sig: int = signal.SIGKILL) -> float:
-    """Signal `rank` (SIGKILL: dies; SIGSTOP: hangs) once step 4 (after the step-3 checkpoint) is logged;
-    returns the time of the signal. `running()` tells whether the job still runs."""
-    deadline = time.time() + 300
-    while logged_steps(run_dir) < 4 and running() and time.time() < deadline:
-        time.sleep(0.05)
-    pid = rank_pid(run_dir, rank)
-    assert pid is not None and running(), "the job was not training"
-    os.kill(pid, sig)
-    return time.time()
+from tests.helpers import (
+    ROOT,
+    SHORT_TIMEOUT,
+    SMALL_RUN,
+    kill_rank_after_checkpoint,
+    launch,
+    logged_steps,
+    rank_pid,
+    ranks_running,
+    sft_cmd,
+    train_rows,
+)
 
 
 @pytest.mark.slow
 @pytest.mark.faults
 def test_rank_dies_under_torchrun_ends_the_job(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, SHORT_TIMEOUT]
+    cmd = sft_cmd("launch", "--nproc", "2", *SMALL_RUN, SHORT_TIMEOUT)
     cmd += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
     with open(tmp_path / "job.log", "w") as out:
         job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -81,7 +61,7 @@ def test_rank_dies_silently_the_collective_timeout_ends_the_job(tmp_path):
     """Rank 1 stopped (SIGSTOP: alive, its connections open, answering nothing), as a hung GPU or node would be:
     the other rank's collective times out after deepspeed.timeout_minutes and the job ends, naming the timeout."""
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, SHORT_TIMEOUT]
+    cmd = sft_cmd("launch", "--nproc", "2", *SMALL_RUN, SHORT_TIMEOUT)
     cmd += ["train.max_steps=1000", "train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
     with open(tmp_path / "job.log", "w") as out:
         job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -105,10 +85,10 @@ def test_rank_dies_silently_the_collective_timeout_ends_the_job(tmp_path):
     print(f"job ended {took:.1f}s after rank 1 stopped answering (collective timeout 30 s)")
 
 
-def start_launch(run_dir: Path, cache: Path, *extra: str, model: list[str] = COMMON) -> subprocess.Popen:
+def start_launch(run_dir: Path, cache: Path, *extra: str, model: list[str] = SMALL_RUN) -> subprocess.Popen:
     """`sft launch --nproc 2` as a terminal runs it: the launcher leads its own process group. Its stderr goes to
     `<run_dir>.err` (read while it runs)."""
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *model, *extra]
+    cmd = sft_cmd("launch", "--nproc", "2", *model, *extra)
     cmd += [f"run_dir={run_dir}", f"cache_dir={cache}"]
     with open(f"{run_dir}.err", "w") as err:
         return subprocess.Popen(
@@ -153,7 +133,7 @@ def test_ctrl_c_on_sft_launch_saves_a_checkpoint_and_says_how_to_resume(tmp_path
     again = shlex.split(found[3])
     assert again[:4] == ["sft", "launch", "--nproc", "2"] and again[-1] == "train.resume=auto"
     resumed = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *again[1:]],
+        sft_cmd(*again[1:]),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -171,7 +151,7 @@ def test_a_second_signal_ends_the_ranks_at_once(tmp_path):
     waiting for the checkpoint, nothing left running, exit 128 + 15, and the line says there is no checkpoint.
     The demo's model size: a step and a save take long enough to signal twice in between."""
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    model = [c for c in COMMON if not c.startswith("model.init.")]
+    model = [c for c in SMALL_RUN if not c.startswith("model.init.")]
     proc = start_launch(run_dir, cache, "train.max_steps=400", "train.save_every=0", model=model)
     signal_at_step(proc, run_dir, 2, signal.SIGTERM)
     wait_for(f"{run_dir}.err", "sft launch: SIGTERM: the ranks stop after the current step")
@@ -194,7 +174,7 @@ def test_ctrl_c_with_the_output_through_tee_still_saves_a_checkpoint(tmp_path):
     """`sft launch ... | tee log` and Ctrl-C: the terminal's SIGINT also ends tee, so every later line the
     launcher and the ranks write meets a closed pipe. The stop still happens: checkpoint saved, exit 75."""
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=200"]
+    cmd = sft_cmd("launch", "--nproc", "2", *SMALL_RUN, "train.max_steps=200")
     cmd += ["train.save_every=0", f"run_dir={run_dir}", f"cache_dir={cache}"]
     # As a terminal runs `{ sft launch ...; echo $? > code; } 2>&1 | tee log`: one process group, which the
     # Ctrl-C reaches whole (bash waits for the launcher and only then records its exit code).
@@ -221,7 +201,7 @@ def test_a_stop_while_the_ranks_start_is_kept(tmp_path):
     to catch it, and the run stops after its first step with a checkpoint, rather than being lost or killing a
     rank that is still starting."""
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    prepare = [sys.executable, "-m", "launcher.cli", "prepare", *COMMON, f"cache_dir={cache}"]
+    prepare = sft_cmd("prepare", *SMALL_RUN, f"cache_dir={cache}")
     subprocess.run(
         prepare, cwd=ROOT, check=True, capture_output=True, timeout=300
     )  # the launch starts at once

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import ROOT, sft_launch, torchrun
-from tests.test_resume import COMMON, train_rows
+from tests.helpers import ROOT, SMALL_RUN, sft_launch, torchrun, train_rows, worker
 
 
 @pytest.mark.slow
@@ -19,7 +18,7 @@ def test_tiled_loss_and_tiled_mlp_train_like_untiled_under_zero3(tmp_path, tied)
     the same losses and gradient norms as untiled, step for step (each step's norm is what clipping and the
     update see, so a gradient reduced per tile or lost shows here)."""
     out = tmp_path / "r.pt"
-    proc = torchrun(["tests/dist_tiled_worker.py", tied, "3", str(out)], 2, ROOT, timeout=300)
+    proc = torchrun([worker("tiled.py"), tied, "3", str(out)], 2, ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     ref = got["untiled"]
@@ -37,7 +36,7 @@ def test_sequence_parallel_logits_equal_each_document_alone(tmp_path):
     eager, flex attention, torch_varlen and flash_attention_2 (those two through reference kernels on CPU). Every
     document's logits, gathered over the group, equal that document run alone."""
     out = tmp_path / "r.pt"
-    proc = torchrun(["tests/dist_sp_worker.py", "logits", str(out)], 2, ROOT, timeout=600)
+    proc = torchrun([worker("sequence_parallel.py"), "logits", str(out)], 2, ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diffs = torch.load(out)
     assert len(diffs) == 3 * 5 * 4, sorted(diffs)  # archs x backends x documents
@@ -50,14 +49,14 @@ def test_deepspeed_stock_ulysses_wrapper_leaks_across_packed_documents(tmp_path)
     """The failure the rebuilt mask prevents: DeepSpeed's UlyssesSPAttentionHF discards the document mask and
     attends causally over the gathered row, so every document after the first sees the ones before it."""
     out = tmp_path / "r.pt"
-    proc = torchrun(["tests/dist_sp_worker.py", "stock", str(out)], 2, ROOT, timeout=300)
+    proc = torchrun([worker("sequence_parallel.py"), "stock", str(out)], 2, ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diffs = torch.load(out)
     assert diffs[("llama", "sdpa", 0)] <= 1e-5  # the first document has nothing before it
     assert all(diffs[("llama", "sdpa", i)] > 1e-2 for i in (1, 2, 3)), diffs
 
 
-SP_RUN = [*COMMON, "train.max_steps=4", "train.warmup_steps=1", "train.schedule=constant"]
+SP_RUN = [*SMALL_RUN, "train.max_steps=4", "train.warmup_steps=1", "train.schedule=constant"]
 
 
 def sp_launch(run_dir, cache, *extra):
@@ -137,7 +136,7 @@ def test_checkpoint_offload_trains_like_checkpointing(tmp_path):
         64,
         256,
         4,
-    )  # COMMON's model and rows (train=demo's micro-batch), fp32
+    )  # SMALL_RUN's model and rows (train=demo's micro-batch), fp32
     # Global batch 8 rows: 1 micro-batch per rank and step at S=1, 2 at S=2 (one data-parallel rank).
     print("per-step loss, grad_norm: checkpointing", [(r["loss"], r["grad_norm"]) for r in want.values()])
     for run, micro_batches, tokens in (("offload", 1, max_length), ("offload_s2", 2, max_length // 2)):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher.train import peak_tflops, step_flops
+from launcher.metrics import peak_tflops, step_flops
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 COMPOSE = """
 import json, launcher

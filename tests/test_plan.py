@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import run_cli
 
 # Meta-Llama-3-8B's published hyperparameters (its config.json), no hub access.
 LLAMA3_8B = {
@@ -29,8 +28,7 @@ LLAMA3_8B = {
 
 
 def sft_plan(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.cli", "plan", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_cli(["plan", *args])
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +129,7 @@ def test_plan_reads_the_prepared_data(tmp_path):
     cache = f"cache_dir={tmp_path / 'cache'}"
     before = json.loads(sft_plan("--json", "--gpus-per-node", "2", cache).stdout)
     assert before["steps_per_epoch"] is None and before["data"]["source"].startswith("not prepared")
-    prep = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "prepare", cache],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    prep = run_cli(["prepare", cache], timeout=600)
     assert prep.returncode == 0, prep.stderr[-2000:]
     rows = json.loads(prep.stdout.splitlines()[-1])  # the cache line; the report is in the table above
     after = json.loads(sft_plan("--json", "--gpus-per-node", "2", cache).stdout)
@@ -205,3 +197,24 @@ def test_plan_checkpoint_offload_moves_the_layer_inputs_to_host_memory(llama3_8b
     assert plan("--gpu-memory-gb", between, "model.checkpoint_offload=true")["fits"]
     text = sft_plan(*[a for a in base if a != "--json"], "model.checkpoint_offload=true").stdout
     assert "with the layer inputs in host memory" in text and "checkpoint offload on: 8.00 of layer" in text
+
+
+def test_plan_picks_the_nearest_batch_that_divides_over_the_cluster():
+    """The demo's 8 rows in micro-batches of 4 do not divide over 8 GPUs: the planner keeps the global batch and
+    lowers the micro batch (and says so); a global batch that does not divide over the ranks at all becomes the
+    nearest multiple of micro x ranks."""
+    plan = json.loads(sft_plan("--nodes", "1", "--gpus-per-node", "8", "--json").stdout)
+    assert (
+        plan["global_batch_size"] == 8
+        and plan["micro_batch_size"] == 1
+        and plan["gradient_accumulation"] == 1
+    )
+    assert plan["batch_adjusted"].startswith("train.micro_batch_size=1")
+    odd = json.loads(
+        sft_plan("--nodes", "1", "--gpus-per-node", "3", "--json", "train.micro_batch_size=2").stdout
+    )
+    assert odd["global_batch_size"] == 6 and odd["batch_adjusted"].startswith("train.global_batch_size=6")
+    fits = json.loads(sft_plan("--nodes", "1", "--gpus-per-node", "2", "--json").stdout)
+    assert fits["batch_adjusted"] is None and fits["micro_batch_size"] == 4
+    text = sft_plan("--nodes", "1", "--gpus-per-node", "8").stdout
+    assert "planned with train.micro_batch_size=1" in text

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from launcher.config import compose
-from launcher.train import lr_factor
-from tests.conftest import ASSETS, fixture_path, sft_launch
+from launcher.optim import lr_factor
+from tests.helpers import ASSETS, fixture_path, sft_launch
 
 # Embedding rows: more than the demo tokenizer's 881 entries (a padded vocabulary, like Qwen2.5's).
 ROWS = 1024

@@ -11,7 +11,7 @@ from launcher.config import compose
 from launcher.data.pipeline import prepare_data
 from launcher.data.sources import RowError
 from launcher.model import load_tokenizer
-from tests.conftest import fixture_path
+from tests.helpers import fixture_path
 
 
 def write_jsonl(path, rows):
@@ -126,7 +126,7 @@ def test_conversations_without_assistant_turns_are_counted_drops(tmp_path):
 
 
 def test_real_fixture_formats_load(tmp_path):
-    from tests.conftest import fixture_path
+    from tests.helpers import fixture_path
 
     # Auto-detected formats, and a Dolly subset whose response lives in `text` (mapped with `columns`).
     for name, extra in [

@@ -8,55 +8,16 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, sft_launch
-
-# A constant schedule after warmup keeps the lr independent of max_steps (the only thing that differs between
-# the runs); a scheduler that was not restored would restart warmup at step 7 and show in the lr.
-COMMON = [
-    "model.init.num_hidden_layers=2",
-    "model.init.hidden_size=64",
-    "model.init.intermediate_size=128",
-    "data.max_length=256",
-    "train.warmup_steps=5",
-    "train.schedule=constant",
-    "train.lr=3e-3",
-    "train.log_every=1",
-    "train.exact_match_eval=false",
-    "train.export=false",
-    "train.check_packing=false",
-    "logging.wandb_mode=disabled",
-    "logging.progress=false",
-]
-
-
-def launch(run_dir, cache, *extra):
-    return sft_launch([*COMMON, *extra], run_dir, cache, timeout=600)
-
-
-def train_rows(run_dir) -> dict[int, dict]:
-    """Training rows by step; a step logged again (after a resume) keeps its latest row."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """An uninterrupted 8-step run: (its per-step metrics, the shared cache dir, its run dir)."""
-    tmp = tmp_path_factory.mktemp("straight")
-    launch(tmp / "run", tmp / "cache", "train.max_steps=8")
-    return train_rows(tmp / "run"), tmp / "cache", tmp / "run"
-
-
-@pytest.fixture(scope="module")
-def straight(straight_run):
-    return straight_run[:2]
-
-
-def assert_same_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
-    assert sorted(got) == list(range(1, 9)), sorted(got)
-    for step in range(1, 9):
-        for key in ("loss", "lr", "grad_norm", "trained_tokens"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+from tests.helpers import (
+    ROOT,
+    SMALL_RUN,
+    assert_same_steps,
+    launch,
+    logged_steps,
+    ranks_running,
+    sft_cmd,
+    train_rows,
+)
 
 
 @pytest.mark.slow
@@ -84,7 +45,7 @@ def test_a_killed_job_resumes_exactly_from_its_last_checkpoint(tmp_path, straigh
     want, cache = straight
     run_dir = tmp_path / "run"
     # The same run, but long enough that it is still training when the kill comes (the schedule is constant).
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=1000"]
+    cmd = sft_cmd("launch", "--nproc", "2", *SMALL_RUN, "train.max_steps=1000")
     cmd += ["train.save_every=3", f"run_dir={run_dir}", f"cache_dir={cache}"]
     job = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -132,7 +93,7 @@ def test_resuming_a_finished_run_exits_0_with_its_results_and_first_loss(tmp_pat
 @pytest.mark.badinput
 def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, straight_run):
     _, cache, run_dir = straight_run
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=8"]
+    cmd = sft_cmd("launch", "--nproc", "2", *SMALL_RUN, "train.max_steps=8")
     cmd += ["train.resume=auto", "data.max_length=128", "train.lr=1e-3"]
     cmd += [f"run_dir={run_dir}", f"cache_dir={cache}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -179,7 +140,7 @@ def test_a_run_whose_data_moved_resumes_exactly_and_changed_data_is_refused(tmp_
     edited = tmp_path / "edited"
     shutil.copytree(new, edited)
     (edited / "train.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one conversation fewer
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc", "2", *COMMON, "train.max_steps=8"]
+    cmd = sft_cmd("launch", "--nproc", "2", *SMALL_RUN, "train.max_steps=8")
     cmd += ["train.resume=auto", demo_sources(edited), f"run_dir={split}", f"cache_dir={cache}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -190,7 +151,7 @@ def test_a_run_whose_data_moved_resumes_exactly_and_changed_data_is_refused(tmp_
 @pytest.mark.badinput
 def test_resume_auto_with_the_default_timestamped_run_dir_is_refused():
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "launch", "train.resume=auto"],
+        sft_cmd("launch", "train.resume=auto"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -245,7 +206,7 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
         "-m",
         "launcher.cli",
         "train",
-        *COMMON,
+        *SMALL_RUN,
         "train.max_steps=6",
         f"train.resume={tmp_path / 'nothing'}",
         f"run_dir={tmp_path / 'run'}",
@@ -254,32 +215,3 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "no complete checkpoint there" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def ranks_running(run_dir) -> list[int]:
-    """Pids of processes whose command line names this run dir (launcher, agent or rank)."""
-    from pathlib import Path
-
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if f"run_dir={run_dir}".encode() in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:  # exited while we looked
-            pass
-    return pids
-
-
-def logged_steps(run_dir) -> int:
-    """The last step in metrics.jsonl so far (0 before the file exists; a line being written is skipped)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line).get("step", 0))
-        except json.JSONDecodeError:
-            pass
-    return max(steps, default=0)

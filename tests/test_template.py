@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from launcher.data import encode_conversation
 from launcher.data.template import IGNORE_INDEX, TemplateError
-from tests.conftest import fixture_path
+from tests.helpers import fixture_path, trained_spans
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -23,20 +23,6 @@ TEMPLATES = [
     ("tinyllama-1.1b-chat-v1.0", "</s>", True),
     ("mistral-7b-instruct-v0.1", "</s>", False),
 ]
-
-
-def trained_spans(tok, enc) -> list[str]:
-    spans, cur = [], []
-    for i, lab in zip(enc["input_ids"], enc["labels"]):
-        if lab != IGNORE_INDEX:
-            assert lab == i, "labels are unshifted: a trained label equals its input id"
-            cur.append(i)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    if cur:
-        spans.append(cur)
-    return [tok.decode(s) for s in spans]
 
 
 @pytest.fixture(params=TEMPLATES, ids=[t[0] for t in TEMPLATES])

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from launcher.data import encode_conversation
 from launcher.data.sources import to_messages
 from launcher.data.template import IGNORE_INDEX
-from tests.conftest import fixture_path
+from tests.helpers import fixture_path
 
 trl_templates = pytest.importorskip("trl.chat_template_utils")
 

@@ -11,16 +11,9 @@ from launcher.data import collate, pack_examples
 from launcher.long_context.tiled_loss import tiled_target_token_loss, use_tiled_loss
 from launcher.long_context.tiled_mlp import install_tiled_mlp
 from launcher.loss import target_token_loss
+from tests import helpers
 
-TINY = dict(
-    vocab_size=1000,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+TINY = {**helpers.TINY, "vocab_size": 1000}
 
 
 def batch(seed: int = 0) -> dict:

@@ -12,8 +12,7 @@ from launcher.config import compose
 from launcher.data import encode_conversation
 from launcher.data.pipeline import load_source
 from launcher.model import load_tokenizer
-from tests.conftest import fixture_path
-from tests.test_template import trained_spans
+from tests.helpers import fixture_path, trained_spans
 
 GLAIVE = "sharegpt_glaive_toolcall_en_demo.json"
 

@@ -1,9 +1,10 @@
-"""`sft prepare [--shard i/N | --shard auto] [overrides]`: what the prepare command does, given its arguments.
+"""What `sft prepare [--shard i/N | --shard auto]` does (its row and parser are in `launcher.launch.cli`).
 
 sft prepare data=smoltalk                         # prepare (or merge the shards) and print the data report
 sft prepare --shard 3/8 data=smoltalk             # encode shard 3 of 8 into the shared cache
-srun --ntasks 8 sft prepare --shard auto ...      # shard i/N from SLURM_PROCID / SLURM_NTASKS
-                                                  # (or SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT)
+srun --ntasks 8 sft prepare --shard auto ...      # shard i/N of an srun step's tasks (SLURM_PROCID), or of a
+                                                  # job array's (SLURM_ARRAY_TASK_ID / _COUNT)
+(slurm/prepare.sbatch runs either, then the merge)
 """
 
 from __future__ import annotations
@@ -12,43 +13,23 @@ import json
 import os
 from typing import Any
 
-USAGE = (
-    "sft prepare [--shard i/N | --shard auto] [overrides]\n\n"
-    "Tokenizes, masks and packs the data once (cached by content hash) and prints the data report. With "
-    "--shard i/N it only encodes shard i of N (JSON Lines split by byte range, other sources dealt whole) into "
-    "the shared cache, e.g. one per node or Slurm array task (`auto`: the srun step's task rank and count, or the "
-    "array task's; see slurm/prepare.sbatch); a plain `sft prepare` then merges the shards (preparing any missing one itself)."
-)
 
-
-def _shard_value(value: str) -> tuple[int, int]:
+def parse_shard(value: str) -> tuple[int, int]:
+    """`i/N` (0 <= i < N), or `auto`: this task's shard from Slurm's variables."""
     if value == "auto":
         env = os.environ
         if env.get("SLURM_STEP_NUM_TASKS", "1") != "1":  # a task of an srun step: its rank among the step's
-            return _shard_value(f"{env.get('SLURM_PROCID')}/{env['SLURM_STEP_NUM_TASKS']}")
+            return parse_shard(f"{env.get('SLURM_PROCID')}/{env['SLURM_STEP_NUM_TASKS']}")
         if env.get("SLURM_ARRAY_TASK_ID", "").isdigit() and env.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
             first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            return _shard_value(f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{env['SLURM_ARRAY_TASK_COUNT']}")
+            return parse_shard(f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{env['SLURM_ARRAY_TASK_COUNT']}")
         raise ValueError(
-            "--shard auto: not a task of a multi-task srun step or of a Slurm job array here; give --shard i/N"
+            "--shard auto: not a task of a multi-task srun step or of a Slurm job array here; give i/N"
         )
     i, _, n = value.partition("/")
     if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
         raise ValueError(f"--shard {value}: expected i/N with 0 <= i < N, e.g. --shard 0/4 (or --shard auto)")
     return int(i), int(n)
-
-
-def parse_shard(args: list[str]) -> tuple[tuple[int, int] | None, list[str]]:
-    """`--shard i/N` / `--shard=i/N` / `--shard auto` in front of the overrides."""
-    if not args or not args[0].startswith("--shard"):
-        return None, args
-    if args[0].startswith("--shard="):
-        return _shard_value(args[0].split("=", 1)[1]), args[1:]
-    if args[0] != "--shard":
-        raise ValueError(f"unknown option {args[0]!r}: did you mean --shard i/N?")
-    if len(args) < 2:
-        raise ValueError("--shard needs a value: i/N (shard i of N, from 0), e.g. --shard 0/4, or auto")
-    return _shard_value(args[1]), args[2:]
 
 
 def prepare(cfg: Any, shard: tuple[int, int] | None) -> int:

@@ -14,7 +14,7 @@ Across nodes, `sft prepare --shard i/N` encodes shard i of every source (JSON Li
 sources whole, dealt round-robin) into `<cache_dir>/prepared-<hash>.shards/`; the next `sft prepare` (or the
 training job's first rank per node) merges the shards, preparing any missing one itself. Everything here is
 deterministic for a seed and free of torch.distributed: the caller decides which rank builds the cache (see
-`launcher.train.build_data`).
+`launcher.run.build_data`).
 """
 
 from __future__ import annotations

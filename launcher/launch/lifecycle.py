@@ -1,4 +1,5 @@
-"""A training job's lifecycle on a cluster, in one place: stop signals, the agreed stop, exit codes, requeue.
+"""A training job's lifecycle on a cluster: stop signals, the agreed stop, requeue. The ranks' side (noting a
+signal, agreeing on a step) is `launcher.stop`; the exit codes are `launcher.errors`'.
 
 Slurm warns a job before its time limit (`sbatch --signal=USR1@N`) and signals it on preemption (SIGTERM, then
 SIGKILL after the partition's GraceTime). A rank that receives SIGUSR1 or SIGTERM only notes it; at the next
@@ -11,7 +12,7 @@ The requeue contract (used by `slurm/sft.sbatch` through `python -m launcher.lau
 | launcher exit code | meaning | the batch script |
 |---|---|---|
 | 0 (`EXIT_OK`) | the run finished | ends the job |
-| 2 (`EXIT_USER_ERROR`) | a bad config or data, named on one line | ends the job (a retry would fail again) |
+| 2 (`EXIT_USER`) | a bad config or data, named on one line | ends the job (a retry would fail again) |
 | 75 (`EXIT_PREEMPTED`, EX_TEMPFAIL) | stopped on a signal, checkpoint saved | `scontrol requeue`: the job runs again |
 | anything else | a crash, a dead rank, a timeout | ends the job, failed |
 
@@ -32,49 +33,7 @@ import subprocess
 import sys
 from typing import Any
 
-EXIT_OK = 0
-EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-class Preempted(Exception):
-    """Every rank stopped after `step` on a signal; the checkpoint of that step is complete."""
-
-    def __init__(self, step: int, signame: str):
-        super().__init__(f"stopped on {signame} after step {step}; checkpoint saved")
-        self.step = step
-
-
-class StopRequest:
-    """Notes SIGUSR1/SIGTERM; `agreed()` tells, on every rank at once, whether any rank got one."""
-
-    def __init__(self) -> None:
-        self.signame: str | None = None
-
-    def install(self) -> StopRequest:
-        """Catch the stop signals (SIGUSR1's default action would kill the rank at once). Idempotent: `sft
-        train` installs the process's `STOP` first thing, so a request during start-up is kept, not fatal."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum: int, frame: Any) -> None:
-        # Quiet here: a rank that torchrun SIGTERMs because another rank failed is about to die, and its word
-        # would only add a line to that failure's. Rank 0 says it once the ranks have agreed (train loop).
-        if self.signame is None:
-            self.signame = signal.Signals(signum).name
-
-    def agreed(self, device: Any) -> str | None:
-        """Collective, once per step boundary: the signal's name if any rank was signalled, else None."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor(
-            [0 if self.signame is None else signal.Signals[self.signame].value], device=device
-        )
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(flag.item())).name if int(flag.item()) else None
+from launcher.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER
 
 
 class LaunchStop:
@@ -188,9 +147,6 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-STOP = StopRequest()  # this process's; `sft train` installs it before its slow imports, train() reads it
-
-
 class _Survivor:
     """A text stream whose reader may go away (`sft launch ... | tee log`, and Ctrl-C ends tee): output is then
     dropped rather than raising into training, so the stop the signal asked for still happens."""
@@ -247,7 +203,7 @@ def after_step(code: int, env: dict[str, str] | None = None) -> int:
         return EXIT_OK
     if code == EXIT_OK:
         print(f"job {job}: the run finished", flush=True)
-    elif code == EXIT_USER_ERROR:
+    elif code == EXIT_USER:
         print(f"job {job}: a configuration or data error (above); not requeued", flush=True)
     else:
         print(f"job {job}: training failed with exit code {code}; not requeued", flush=True)

@@ -34,6 +34,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.errors import EXIT_OK, EXIT_USER
+
 GB = 2**30
 RESERVE_GB = 2.0  # CUDA context (~0.5 GB), NCCL buffers, allocator fragmentation
 FUSED_ATTENTION = ("auto", "torch_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -45,44 +47,14 @@ class Hardware:
     gpus_per_node: int = 1
     gpu_memory_gb: float = 80.0
 
+    @classmethod
+    def local(cls) -> Hardware:
+        """This machine's GPUs (where there is none: 1 GPU of 80 GB)."""
+        import torch
 
-def parse_args(args: list[str]) -> tuple[Hardware, dict[str, bool], list[str]]:
-    """`--nodes N --gpus-per-node G --gpu-memory-gb M --json --check`, then Hydra overrides."""
-    hw, flags, rest = Hardware(), {"json": False, "check": False}, []
-    hw.gpus_per_node, hw.gpu_memory_gb = _local_gpus()
-    i = 0
-    while i < len(args):
-        name = args[i].split("=", 1)[0]
-        if name in ("--json", "--check"):
-            flags[name[2:]] = True
-        elif name in ("--nodes", "--gpus-per-node", "--gpu-memory-gb"):
-            value = args[i].split("=", 1)[1] if "=" in args[i] else (args[i + 1] if i + 1 < len(args) else "")
-            i += 0 if "=" in args[i] else 1
-            try:
-                number = float(value) if name == "--gpu-memory-gb" else int(value)
-            except ValueError:
-                raise ValueError(f"sft plan {name}: expected a number, got {value!r}") from None
-            if number <= 0:
-                raise ValueError(f"sft plan {name}={value}: must be positive")
-            setattr(hw, name[2:].replace("-", "_"), number)
-        elif name.startswith("--"):
-            raise ValueError(
-                f"sft plan: unknown option {args[i]} (--nodes, --gpus-per-node, --gpu-memory-gb, "
-                "--json, --check)"
-            )
-        else:
-            rest.append(args[i])
-        i += 1
-    return hw, flags, rest
-
-
-def _local_gpus() -> tuple[int, float]:
-    """This machine's GPU count and memory (defaults where there is none: 1 GPU of 80 GB)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return 1, 80.0
-    return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GB
+        if not torch.cuda.is_available():
+            return cls()
+        return cls(1, torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GB)
 
 
 def model_shape(cfg: Any) -> dict[str, Any]:
@@ -207,17 +179,56 @@ def logits_gb(shape: dict, targets: float, tiled: bool = False) -> float:
     return targets * shape["vocab"] * (2 + 4 + 4) / GB
 
 
+def fit_batch(t: Any, world: int) -> tuple[int, int, str | None]:
+    """(global batch, micro batch, what was changed) that divide over `world` ranks: the configured ones when
+    they do; else the largest micro batch up to the configured one that divides the global batch over the
+    data-parallel ranks; else the nearest global batch that is a multiple of micro x data-parallel ranks."""
+    sp = t.sequence_parallel_size
+    if sp < 1 or world % sp:
+        return t.global_batch_size, t.micro_batch_size, None  # validate() names the problem
+    dp, g, m = world // sp, t.global_batch_size, t.micro_batch_size
+    if g <= 0 or m <= 0 or g % (m * dp) == 0:
+        return g, m, None
+    if g % dp == 0:
+        micro = max(k for k in range(1, m + 1) if (g // dp) % k == 0)
+        return (
+            g,
+            micro,
+            (
+                f"train.micro_batch_size={micro}: global batch {g} over {dp} data-parallel ranks leaves {g // dp} rows "
+                f"per rank, which micro batch {m} does not divide"
+            ),
+        )
+    step = m * dp
+    nearest = max(step, round(g / step) * step)
+    return (
+        nearest,
+        m,
+        (
+            f"train.global_batch_size={nearest}: global batch {g} does not divide over {dp} data-parallel ranks; "
+            f"{nearest} is the nearest multiple of micro batch {m} x {dp}"
+        ),
+    )
+
+
 def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
-    from launcher.config import validate
+    from omegaconf import OmegaConf
+
+    from launcher.config import batch_layout, validate
     from launcher.engine import build_ds_config
+    from launcher.precision import resolve_precision
 
     world = hw.nodes * hw.gpus_per_node
+    global_batch, micro, adjusted = fit_batch(cfg.train, world)
+    if adjusted:  # plan what it would take on this cluster, and say so
+        cfg = OmegaConf.merge(cfg, {"train": {"global_batch_size": global_batch, "micro_batch_size": micro}})
     validate(cfg, world)
     t, d = cfg.train, cfg.data
     sp = t.sequence_parallel_size
-    accum = t.global_batch_size // (t.micro_batch_size * (world // sp))
-    bf16 = cfg.model.dtype.value != "fp32"  # on GPUs `auto` trains in bf16
-    ds_config = build_ds_config(cfg.deepspeed, t, world, bf16, sp)
+    _, accum = batch_layout(t, world)
+    # Planned for GPUs that may not be this machine's: `auto` is bf16 there (fp32 only when asked for).
+    bf16 = resolve_precision(cfg.model.dtype.value, "cuda", bf16_ok=True).bf16
+    ds_config = build_ds_config(cfg.deepspeed, t, world, bf16)
     shape = model_shape(cfg)
     data = data_stats(cfg)
     row_len = d.max_length
@@ -276,6 +287,7 @@ def make_plan(cfg: Any, hw: Hardware) -> dict[str, Any]:
         "per_gpu_gb": mem,
         "fits": fits,
         "would_fit": suggestions,
+        "batch_adjusted": adjusted,
     }
 
 
@@ -322,6 +334,7 @@ def format_plan(p: dict[str, Any]) -> str:
     spe = p["steps_per_epoch"]
     lines = [
         f"world size {p['world_size']} = {p['nodes']} nodes x {p['gpus_per_node']} GPUs of {p['gpu_memory_gb']:.0f} GB",
+        *([f"planned with {p['batch_adjusted']} (pass it to sft launch)"] if p["batch_adjusted"] else []),
         f"batch: {p['micro_batch_size']} micro x {p['gradient_accumulation']} accumulation x "
         f"{p['world_size'] // p['sequence_parallel_size']} data-parallel ranks"
         f" = {p['global_batch_size']} rows of {p['max_length']} tokens"
@@ -359,20 +372,19 @@ def format_plan(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cli(args: list[str], compose: Any) -> int:
-    """`sft plan`: print the plan (`--json`: one JSON object); `--check`: exit 2 if it does not fit."""
-    hw, flags, overrides = parse_args(args)
-    plan = make_plan(compose(overrides), hw)
-    print(json.dumps(plan) if flags["json"] else format_plan(plan), flush=True)
-    if flags["check"] and not plan["fits"]:
+def run_plan(cfg: Any, hw: Hardware, as_json: bool = False, check: bool = False) -> int:
+    """`sft plan`: print the plan (`as_json`: one JSON object); `check`: exit 2 if it does not fit."""
+    plan = make_plan(cfg, hw)
+    print(json.dumps(plan) if as_json else format_plan(plan), flush=True)
+    if check and not plan["fits"]:
         print(
             f"error: the plan does not fit: {plan['per_gpu_gb']['total']:.1f} GB per GPU needed, "
             f"{hw.gpu_memory_gb:.1f} GB available; would fit: {'; '.join(plan['would_fit'])}",
             file=sys.stderr,
             flush=True,
         )
-        return 2
-    return 0
+        return EXIT_USER
+    return EXIT_OK
 
 
 def check_for_launch(cfg: Any, nproc: int) -> None:
@@ -382,7 +394,7 @@ def check_for_launch(cfg: Any, nproc: int) -> None:
     if not torch.cuda.is_available():
         print("plan: no GPU here, nothing to check", flush=True)
         return
-    _, memory = _local_gpus()
+    memory = Hardware.local().gpu_memory_gb
     plan = make_plan(cfg, Hardware(1, nproc, memory))
     if not plan["fits"]:
         raise ValueError(

@@ -1,6 +1,6 @@
 """Everything a run needs, checked before any rank starts: one clear line naming what and where.
 
-    cfg = compose_config(overrides)      # Hydra's detail (key, expected type, choices) + "did you mean"
+    cfg = compose_config(overrides)      # launcher.config_errors: Hydra's detail + "did you mean"
     check(cfg, world_size, "cpu")        # config values, model/tokenizer, data files, DeepSpeed JSON,
                                          # resume dir, run dir writable, dtype vs device
 
@@ -10,8 +10,6 @@ where they are cheap (file checks and hub-cache lookups only, no network when HF
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import os
 import re
@@ -21,129 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-
-class UserError(ValueError):
-    """A user's mistake: the message is the whole story (one line), no traceback."""
-
-
-# ---- compose ----
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """`launcher.config.compose`, with Hydra's errors rewritten as one line with "did you mean"."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from launcher.config import compose
-
-    try:
-        cfg = compose(overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        if os.environ.get("SFT_DEBUG"):
-            raise
-        raise UserError(explain_compose_error(e)) from e
-    _check_schema(cfg, overrides)
-    return cfg
-
-
-def _check_schema(cfg: DictConfig, overrides: list[str]) -> None:
-    """`+key=value` adds keys Hydra does not check against the schema: a typo there would be silently ignored."""
-    from hydra.errors import ConfigCompositionException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError
-
-    from launcher.config import Config
-
-    try:
-        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
-    except ConfigKeyError as e:
-        added = [o for o in overrides if o.startswith("+")]
-        wrapper = ConfigCompositionException(f"Could not override '{added[0] if added else e.full_key}'")
-        wrapper.__cause__ = e
-        raise UserError(explain_compose_error(wrapper)) from None
-
-
-def _schema(type_name: str | None) -> list[str]:
-    """Field names of a config dataclass named by OmegaConf's object_type (`TrainConfig`, `SourceConfig`...)."""
-    from launcher import config
-
-    cls = getattr(config, type_name or "", None)
-    if cls is None or not dataclasses.is_dataclass(cls):
-        return []
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _groups() -> dict[str, list[str]]:
-    from launcher.config import CONF_DIR
-
-    return {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF_DIR.iterdir() if p.is_dir()}
-
-
-def _detail(cause: Exception) -> tuple[str, str, str]:
-    """(message's first line, full_key, object type) of an OmegaConf error."""
-    text = str(cause).split("\n")
-    first = text[0].strip()
-    full_key = getattr(cause, "full_key", None) or ""
-    obj = getattr(cause, "object_type", None)
-    obj_name = obj.__name__ if isinstance(obj, type) else ""
-    return first, str(full_key), obj_name
-
-
-def explain_compose_error(e: Exception) -> str:
-    """One line: which override, which key, what was expected (type or choices), and a near-miss suggestion."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    msg = str(e)
-    if isinstance(e, OverrideParseException) or msg.startswith("Error parsing override"):
-        m = re.match(r"Error parsing override '(.*)'\n(.*)", msg)
-        what, why = (m.group(1), m.group(2)) if m else (msg.split("\n")[0], "")
-        hint = " (an override is key=value, e.g. train.max_steps=10)" if "EQUAL" in why else ""
-        return f"cannot parse override {what!r}: {why.strip()}{hint}"
-    if isinstance(e, MissingConfigException):
-        m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
-        if m:
-            group, option = m.groups()
-            options = _groups().get(group, [])
-            return (
-                f"{group}={option}: no such option in group {group!r}{_did_you_mean(option, options)}; "
-                f"options: {', '.join(options)}"
-            )
-        return msg.split("\n")[0]
-    cause = e.__cause__ or e.__context__
-    override = ""
-    m = re.match(r"(?:Could not override|Error merging override) '?([^'\n]+?)'?\.?$", msg.split("\n")[0])
-    if m:
-        override = m.group(1)
-    if cause is None:
-        return msg.split("\n")[0]
-    first, full_key, obj = _detail(cause)
-    key_of_override = override.split("=", 1)[0].lstrip("+~")
-    # Inside a list item (data.sources=[{...}]) OmegaConf's full_key is relative to the item: name the list too.
-    where = full_key
-    if key_of_override and not full_key.startswith(key_of_override.split(".")[0]):
-        where = f"{key_of_override}[...].{full_key}" if full_key else key_of_override
-    name = getattr(cause, "key", None) or full_key.rsplit(".", 1)[-1]
-    if "not in" in first or "is not in struct" in first:
-        fields = _schema(obj)
-        if obj == "Config":  # a top-level key: the groups and top-level fields
-            fields = sorted(set(fields))
-        suggestion = _did_you_mean(str(name), fields)
-        known = f"; {obj} keys: {', '.join(fields)}" if fields else ""
-        return f"unknown config key {where!r}{suggestion}{known} (list them with `sft config`)"
-    enum = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
-    if enum:
-        value, choices = enum.group(1), [c.strip() for c in enum.group(2).split(",")]
-        return f"{where}={value!r} is not a valid choice{_did_you_mean(value, choices)}; choose one of: {', '.join(choices)}"
-    conv = re.match(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
-    if conv:
-        return f"{where}={conv.group(1)!r}: expected {conv.group(3).lower()}, got {conv.group(2)}"
-    return f"{where or override}: {first}"
-
+from launcher.errors import UserError
 
 # ---- paths and files ----
 
@@ -286,40 +162,39 @@ def check_resume(cfg: DictConfig, world_size: int) -> None:
 
 
 def check_device(m: Any, device_type: str) -> None:
-    if m.dtype.value == "bf16" and device_type == "cpu":
-        raise UserError("model.dtype=bf16 on CPU is not supported here: use model.dtype=auto or fp32")
-
-
-def check_model_config(m: Any, device_type: str, sequence_parallel_size: int = 1) -> None:
-    """The model's config builds (random init) or reads (local dir), the attention backend suits it, and its
-    heads split over the sequence-parallel group."""
-    import torch
-    from transformers import AutoConfig
-
-    from launcher.model.attention import resolve_backend
+    from launcher.precision import resolve_precision
 
     try:
-        if m.name_or_path is None:
-            init = dict(m.init)
-            config = AutoConfig.for_model(**init)
-        elif Path(str(m.name_or_path)).expanduser().is_dir():
-            config = AutoConfig.from_pretrained(str(m.name_or_path), trust_remote_code=m.trust_remote_code)
-        else:
-            return  # a hub id: its config comes with the download
+        resolve_precision(m.dtype.value, device_type)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_model_config(cfg: DictConfig, device_type: str) -> None:
+    """The model's config builds (random init) or reads (local dir), and what the run decides for it on this
+    device (precision, attention backend, tiled loss; `launcher.run.decide`) can run; its heads split over the
+    sequence-parallel group."""
+    import torch
+
+    from launcher.model import model_config
+    from launcher.run import decide
+
+    m, sp = cfg.model, cfg.train.sequence_parallel_size
+    if m.name_or_path is not None and not Path(str(m.name_or_path)).expanduser().is_dir():
+        return  # a hub id: its config comes with the download
+    try:
+        config = model_config(m)
     except Exception as e:  # transformers' and huggingface_hub's config validation errors share no base class
         from launcher.launch.rankerrors import one_line
 
         key = "model.init" if m.name_or_path is None else f"model.name_or_path={m.name_or_path}"
         raise UserError(f"{key}: {one_line(e)}") from None
-    bf16 = m.dtype.value == "bf16" or (m.dtype.value == "auto" and device_type == "cuda")
     try:
-        resolve_backend(
-            m.attention.value, torch.device(device_type), config, torch.bfloat16 if bf16 else torch.float32
-        )
-        if sequence_parallel_size > 1:
+        decide(cfg, torch.device(device_type), config)
+        if sp > 1:
             from launcher.long_context.sequence_parallel import check_heads
 
-            check_heads(sequence_parallel_size, config)
+            check_heads(sp, config)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -343,6 +218,6 @@ def check(cfg: DictConfig, world_size: int, device_type: str) -> None:
     check_resume(cfg, world_size)
     check_sources(cfg.data)
     check_model(cfg.model)
-    check_model_config(cfg.model, device_type, cfg.train.sequence_parallel_size)
+    check_model_config(cfg, device_type)
     _probe_writable("run_dir", str(cfg.run_dir))
     _probe_writable("cache_dir", str(cfg.cache_dir))

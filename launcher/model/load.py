@@ -72,15 +72,17 @@ def embedding_rows(model: torch.nn.Module) -> int:
     return param_shape(model.get_input_embeddings().weight)[0]
 
 
-def model_config(model_cfg: Any, vocab_size: int) -> Any:
-    """The transformers config of the configured model, without its weights (to choose an attention backend)."""
+def model_config(model_cfg: Any, vocab_size: int | None = None) -> Any:
+    """The transformers config of the configured model, without its weights (to choose an attention backend, to
+    plan). A random-init model (`model.init`) takes the tokenizer's `vocab_size` when given."""
     from transformers import AutoConfig
 
     if model_cfg.name_or_path:
         return AutoConfig.from_pretrained(
             model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
         )
-    return AutoConfig.for_model(**{**dict(model_cfg.init), "vocab_size": vocab_size})
+    init = dict(model_cfg.init)
+    return AutoConfig.for_model(**(init if vocab_size is None else {**init, "vocab_size": vocab_size}))
 
 
 def build_model(

@@ -8,12 +8,12 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from launcher import engine as ds_engine
 from launcher.data import pack_examples
 from launcher.train import train_step
+from tests import helpers
 
 
 def sgd_reference(model: torch.nn.Module, docs: list[dict], lr: float) -> tuple[torch.Tensor, float]:
@@ -34,28 +34,8 @@ def sgd_reference(model: torch.nn.Module, docs: list[dict], lr: float) -> tuple[
 def main(micro: int, accum: int, out: str) -> None:
     info = ds_engine.init_distributed(timeout_minutes=5)
     world = info.world_size
-    train_cfg = OmegaConf.create(
-        {"global_batch_size": micro * accum * world, "micro_batch_size": micro, "grad_clip": 0.0}
-    )
-    ds_cfg = OmegaConf.create(
-        {
-            "stage": 3,
-            "offload_optimizer": False,
-            "offload_params": False,
-            "config_file": None,
-            "overlap_comm": False,
-        }
-    )
-    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False)
-    cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    ds_config = helpers.ds_config(micro * accum * world, micro, world, grad_clip=0.0)
+    cfg = helpers.tiny_config("llama", vocab_size=61, max_position_embeddings=2048)
     # A plain copy for the reference step, built before transformers learns it runs under ZeRO-3.
     ref_model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     ds_engine.zero_init_context(ds_config)

@@ -15,8 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from launcher import engine as ds_engine
 from launcher.data import collate, pack_examples
@@ -24,28 +23,11 @@ from launcher.data.packing import doc_lengths
 from launcher.long_context.sequence_parallel import SequenceParallel
 from launcher.loss import model_inputs
 from launcher.model.load import _prepare
+from tests import helpers
 
-SMALL = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-# Windows shorter than the longest document, so a missing window shows (as in test_attention).
-ARCHS = {
-    "llama": dict(model_type="llama"),
-    "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
-    "mistral_sliding": dict(model_type="mistral", sliding_window=5),
-}
-LENGTHS = [
-    9,
-    13,
-    6,
-    11,
-]  # 39 tokens: one row for `stock`, two for `logits` (varlen: 39, padded to 40 for S=2)
+ARCHS = {name: helpers.ARCHS[name] for name in ("llama", "qwen2_sliding", "mistral_sliding")}
+# 39 tokens: one row for `stock`, two for `logits` (varlen: 39, padded to 40 for S=2)
+LENGTHS = helpers.LENGTHS
 
 
 def documents() -> list[dict]:
@@ -89,17 +71,7 @@ def main(mode: str, out: str) -> None:
     info = ds_engine.init_distributed(timeout_minutes=5)
     world = info.world_size
     sp = SequenceParallel(world, info.rank, world)
-    train_cfg = OmegaConf.create({"global_batch_size": 1, "micro_batch_size": 1, "grad_clip": 0.0})
-    ds_cfg = OmegaConf.create(
-        {
-            "stage": 3,
-            "offload_optimizer": False,
-            "offload_params": False,
-            "config_file": None,
-            "overlap_comm": False,
-        }
-    )
-    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False, sp_size=world)
+    ds_config = helpers.ds_config(1, 1, world, grad_clip=0.0, sp=world)
     docs = documents()
     # `logits`: a micro-batch of two rows (the varlen batch lays them end to end); `stock`: one row, so every
     # document after the first has others before it.
@@ -113,19 +85,16 @@ def main(mode: str, out: str) -> None:
     )
     if mode != "stock":
         import torch.nn.attention.varlen as varlen
-        from reference_kernels import (  # tests/ is this script's folder
-            reference_varlen_attn,
-            use_reference_flash,
-        )
 
         from launcher.model.attention import register_varlen
+        from tests.reference_kernels import reference_varlen_attn, use_reference_flash
 
         varlen.varlen_attn = reference_varlen_attn
         register_varlen()
         use_reference_flash()
     results = {}
-    for name, extra in archs.items():
-        cfg = AutoConfig.for_model(**{**SMALL, **extra})
+    for name in archs:
+        cfg = helpers.tiny_config(name)
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()

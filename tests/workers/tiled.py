@@ -8,8 +8,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from launcher import engine as ds_engine
 from launcher.data import pack_examples
@@ -17,6 +16,7 @@ from launcher.long_context.tiled_loss import tiled_target_token_loss
 from launcher.long_context.tiled_mlp import install_tiled_mlp
 from launcher.loss import target_token_loss
 from launcher.train import train_step
+from tests import helpers
 
 VOCAB = 503
 
@@ -35,15 +35,8 @@ def rows_for(rank: int, step: int) -> list[dict]:
 def run(
     tied: bool, loss_fn, ds_config: dict, world: int, steps: int, mlp_tiles: int = 0
 ) -> dict[str, list[float]]:
-    cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
+    cfg = helpers.tiny_config(
+        "llama", vocab_size=VOCAB, tie_word_embeddings=tied, max_position_embeddings=2048
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
@@ -68,17 +61,7 @@ def run(
 def main(tied: bool, n_tiles: int, out: str) -> None:
     info = ds_engine.init_distributed(timeout_minutes=5)
     world = info.world_size
-    train_cfg = OmegaConf.create({"global_batch_size": 2 * world, "micro_batch_size": 1, "grad_clip": 1.0})
-    ds_cfg = OmegaConf.create(
-        {
-            "stage": 3,
-            "offload_optimizer": False,
-            "offload_params": False,
-            "config_file": None,
-            "overlap_comm": False,
-        }
-    )
-    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False)
+    ds_config = helpers.ds_config(2 * world, 1, world)
     # Partition every parameter, however small (DeepSpeed keeps small ones whole on every rank by default).
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds_engine.zero_init_context(ds_config)
