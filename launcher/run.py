@@ -320,7 +320,9 @@ def build_data(cfg: DictConfig, tok: Any, info: ds_engine.DistInfo) -> Prepared:
     slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
     prepared = None
     if info.local_rank == 0:
-        prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True)
+        prepared = cached_prepare(
+            cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True, progress=cfg.logging.progress
+        )
     dist.barrier(group=slow)
     if prepared is None:
         prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=False)

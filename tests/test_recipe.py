@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -151,16 +152,20 @@ def test_prepared_data_is_cached_by_content(tmp_path, monkeypatch):
     tok = load_tokenizer(cfg.model)
     first = pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=True)
     assert first.report["cache"]["hit"] is False
-    # On disk it is a `datasets` Arrow dataset of packed rows, readable without this project.
-    import datasets
+    # On disk: plain .npy arrays (tokens of all rows end to end, row offsets), readable with NumPy alone.
+    import numpy as np
 
-    on_disk = datasets.load_from_disk(first.report["cache"]["path"] + "/train")
-    assert on_disk.num_rows == len(first.train_rows) and on_disk[0] == first.train_rows[0]
+    import launcher.data.encode as encode
+
+    train = Path(first.report["cache"]["path"]) / "train"
+    ids, offsets = np.load(train / "input_ids.npy", mmap_mode="r"), np.load(train / "offsets.npy")
+    assert len(offsets) - 1 == len(first.train_rows)
+    assert ids[offsets[0] : offsets[1]].tolist() == first.train_rows[0]["input_ids"]
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a warm cache must not re-tokenize")
 
-    monkeypatch.setattr(pipeline, "encode_many", no_tokenizing)
+    monkeypatch.setattr(encode, "encode_many", no_tokenizing)
     again = pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=False)
     assert again.report["cache"]["hit"] is True and again.train_rows == first.train_rows
     # The number of preparing processes is not part of the content: same hash, cache hit.

@@ -247,3 +247,72 @@ def test_slurm_check_plan_refuses_a_run_that_does_not_fit(cluster, tmp_path):
     assert state == "FAILED" and job_field(job, "ExitCode") == "2:0", (state, logs[-3000:])
     assert "error: the plan does not fit" in logs and "world size 2 = 1 nodes x 2 GPUs" in logs, logs[-3000:]
     assert "srun" not in logs and not (tmp_path / "run").exists()
+
+
+def _prepare_job(args: list[str], cwd) -> tuple[subprocess.CompletedProcess, str]:
+    """`sbatch --wait slurm/prepare.sbatch ...`: (sbatch's result, the jobs' output so far)."""
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    cmd = ["sbatch", "--parsable", "--wait", "--time=10", f"--output={cwd}/slurm-%A_%a-%j.out"]
+    cmd += [*args[:-1], str(ROOT / "slurm" / "prepare.sbatch"), *args[-1]]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return proc, "".join(p.read_text() for p in sorted(cwd.glob("slurm-*.out")))
+
+
+def _prepare_recipe(tmp_path) -> tuple[list[str], object]:
+    """A JSON Lines source of 12,000 conversations, the overrides that prepare it into tmp_path/cache, and the
+    same preparation done here in one process (what the sharded jobs must equal)."""
+    from launcher.config import compose
+    from launcher.data.pipeline import prepare_data
+    from launcher.model import load_tokenizer
+
+    path = tmp_path / "mix.jsonl"
+    with path.open("w") as f:
+        for i in range(12_000):
+            msgs = [
+                {"role": "user", "content": f"q{i % 5000}"},
+                {"role": "assistant", "content": f"a{i % 4000}"},
+            ]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    overrides = [f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", "data.eval_size=100"]
+    overrides += ["data.dedup=true", "logging.progress=false", f"cache_dir={tmp_path / 'cache'}"]
+    cfg = compose(overrides)
+    return overrides, prepare_data(cfg.data, load_tokenizer(cfg.model))
+
+
+def _prepared_here(overrides: list[str], tmp_path):
+    from launcher.config import compose
+    from launcher.data.pipeline import cached_prepare
+    from launcher.model import load_tokenizer
+
+    cfg = compose(overrides)
+    return cached_prepare(cfg.data, load_tokenizer(cfg.model), None, str(tmp_path / "cache"), build=False)
+
+
+@pytest.mark.multinode
+def test_prepare_sbatch_shards_in_one_srun_step_over_two_nodes_then_merges(two_nodes, tmp_path):
+    """`slurm/prepare.sbatch` on two nodes: a task per node encodes its shard, the script merges; the result is
+    the one-process preparation, and a second preparation is a cache hit."""
+    overrides, want = _prepare_recipe(tmp_path)
+    proc, logs = _prepare_job(["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", overrides], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:] + logs[-4000:]
+    assert "2 shards on" in logs and "shard 0/2 encoded" in logs and "shard 1/2 encoded" in logs, logs[-3000:]
+    assert "was not prepared" not in logs, "the merge found both shards"
+    got = _prepared_here(overrides, tmp_path)
+    assert got.train_rows == want.train_rows and got.eval_rows == want.eval_rows
+    assert got.report["sources"] == want.report["sources"]
+    proc, logs = _prepare_job(["--cpus-per-task=1", overrides], tmp_path)
+    assert proc.returncode == 0 and "data cache hit: " in logs, logs[-3000:]
+
+
+def test_prepare_sbatch_job_array_then_a_merge_job(cluster, tmp_path):
+    """`sbatch --array=1-3 slurm/prepare.sbatch`: each array task encodes its shard; a merge job then finds all
+    three and writes the one-process preparation."""
+    overrides, want = _prepare_recipe(tmp_path)
+    proc, logs = _prepare_job(["--array=1-3", "--cpus-per-task=1", overrides], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:] + logs[-4000:]
+    assert all(f"shard {i}/3 encoded" in logs for i in range(3)), logs[-3000:]
+    proc, logs = _prepare_job(["--cpus-per-task=1", overrides], tmp_path)
+    assert proc.returncode == 0 and "was not prepared" not in logs, logs[-4000:]
+    got = _prepared_here(overrides, tmp_path)
+    assert got.train_rows == want.train_rows and got.eval_rows == want.eval_rows
+    assert got.report["sources"] == want.report["sources"]

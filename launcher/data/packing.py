@@ -170,11 +170,12 @@ def drain_emptiest(bins: list[list[int]], lengths: list[int], capacity: int) -> 
     return others
 
 
-def pack_bins(lengths: np.ndarray, capacity: int, max_gap_bins: int = 20_000) -> list[list[int]]:
-    """Best-fit decreasing, refined toward the lower bound ceil(sum / capacity) bins.
+def exact_bins(lengths: np.ndarray, capacity: int, max_gap_bins: int = 20_000) -> list[list[int]]:
+    """Best-fit decreasing, refined toward the lower bound ceil(sum / capacity) bins (small inputs only).
 
     The refinement (gap-closing swaps, then emptying the least-full bin) runs while it saves bins; it is
-    skipped when more than `max_gap_bins` bins have gaps (its steps are linear in them).
+    skipped when more than `max_gap_bins` bins have gaps. Its steps are linear in the bins with gaps and it runs
+    once per bin saved, so it is superlinear overall: `pack_plan` uses it up to `EXACT_MAX_DOCS` documents.
     """
     bins = best_fit_decreasing(lengths, capacity)
     lengths_l = lengths.tolist()
@@ -192,22 +193,245 @@ def pack_bins(lengths: np.ndarray, capacity: int, max_gap_bins: int = 20_000) ->
     return bins
 
 
+EXACT_MAX_DOCS = (
+    8192  # up to here the exact search above also runs (and wins ties): small sets pack as before
+)
+
+
+def _bits(present: list[int]) -> int:
+    """A Python int with bit L set where present[L] is non-zero (the lengths still available)."""
+    return int("".join("1" if c else "0" for c in reversed(present)), 2)
+
+
+def _reversed(x: int, width: int) -> int:
+    return int(format(x, f"0{width}b")[::-1], 2)
+
+
+def _sums(avail: int, capacity: int) -> int:
+    """Bitset of the totals in [0, capacity] that the available lengths make (each any number of times)."""
+    full = (1 << (capacity + 1)) - 1
+    reach, a = 1, avail
+    while a:
+        y = a.bit_length() - 1
+        a ^= 1 << y
+        step = y
+        while step <= capacity:  # doubling: multiples of y up to the capacity in log steps
+            grown = (reach | (reach << step)) & full
+            if grown == reach:
+                break
+            reach, step = grown, step * 2
+    return reach
+
+
+def fill_patterns(
+    lengths: np.ndarray, capacity: int, budget: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill one row at a time, keeping what is left of it a total the remaining lengths can still make.
+
+    Works on the counts of each length, not on documents: a row is filled largest length first, always taking
+    the largest length whose remainder is still an exact sum of available lengths (`_sums`), so rows close
+    exactly full while the data allows. The same row recipe is then repeated as often as the counts allow
+    (hundreds of rows at a time on real mixes), so the cost grows with the number of distinct lengths, not of
+    documents. The sums are recomputed only when a recipe leaves room after some length ran out, within
+    `budget` machine-word operations (default 64 n + 2^26, a few seconds at most); past it stale sums only cost
+    exactness in some rows. Deterministic.
+
+    Returns (order, starts): document indices in packed order, and where each row starts in `order`.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if budget is None:
+        budget = 64 * n + (1 << 26)
+    words = capacity // 64 + 1
+    counts = np.bincount(lengths, minlength=capacity + 1).tolist()
+    avail = _bits(counts)
+    reach_rev = _reversed(_sums(avail, capacity), capacity + 1)  # bit (capacity - s) set: s is a sum
+    budget -= 2 * words * bin(avail).count("1")
+    sums_for = avail
+
+    def recipe_for(avail: int, reach_rev: int) -> tuple[list[int], dict[int, int], int]:
+        recipe: list[int] = []
+        uses: dict[int, int] = {}
+        a, room = avail, capacity
+        while room and a:
+            fits = a & ((1 << (room + 1)) - 1)
+            exact = fits & (reach_rev >> (capacity - room))  # y fits and room - y is a sum
+            pick = exact or fits
+            if not pick:
+                break
+            y = pick.bit_length() - 1
+            recipe.append(y)
+            uses[y] = uses.get(y, 0) + 1
+            if uses[y] == counts[y]:
+                a ^= 1 << y
+            room -= y
+        return recipe, uses, room
+
+    recipes: list[tuple[list[int], int]] = []
+    while avail:
+        recipe, uses, room = recipe_for(avail, reach_rev)
+        if room and avail != sums_for and budget > 0:  # stale sums may have misled this row: refresh them
+            reach_rev = _reversed(_sums(avail, capacity), capacity + 1)
+            budget -= 2 * words * bin(avail).count("1")
+            sums_for = avail
+            recipe, uses, room = recipe_for(avail, reach_rev)
+        times = min(counts[y] // u for y, u in uses.items())
+        for y, u in uses.items():
+            counts[y] -= times * u
+            if not counts[y]:
+                avail ^= 1 << y
+        recipes.append((recipe, times))
+    # Rows -> documents: the k-th placement of length L (in row order) takes the k-th document of that length.
+    per_row = np.repeat([len(r) for r, _ in recipes], [t for _, t in recipes])
+    placed = (
+        np.concatenate([np.tile(np.asarray(r, dtype=np.int64), t) for r, t in recipes])
+        if recipes
+        else lengths[:0]
+    )
+    by_length = np.lexsort((np.arange(n), -lengths))  # documents by length, longest first, then index
+    order = np.empty(n, dtype=np.int64)
+    order[np.argsort(-placed, kind="stable")] = by_length
+    return order, np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+
+
+def best_fit_counts(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing on the counts of each length: the same bins as placing documents one at a time,
+    in batches (all documents of one length that go to equally full bins at once). Returns (order, starts) as
+    `fill_patterns` does."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    by_length = np.lexsort((np.arange(n), -lengths))
+    values, counts = np.unique(-lengths, return_counts=True)
+    levels: list[list[list[int]]] = [
+        [] for _ in range(capacity + 1)
+    ]  # room left -> stack of [first bin, bins]
+    has_room = 0
+    next_bin = 0
+    runs: list[tuple[int, int, int]] = []  # (first bin, bins, documents each): in placement order
+    for size, left in zip((-values).tolist(), counts.tolist()):
+        while left:
+            fits = has_room >> size
+            if fits:  # the tightest bins that still fit one more
+                room = size + (fits & -fits).bit_length() - 1
+                stack = levels[room]
+                first, k = stack[-1]
+                each = room // size
+                full = min(left // each, k)
+                rest = left - full * each if full < k else 0
+                used = full + (1 if rest else 0)
+                if used == k:
+                    stack.pop()
+                    if not stack:
+                        has_room ^= 1 << room
+                else:
+                    stack[-1] = [first + used, k - used]
+            else:  # new bins
+                room, first = capacity, next_bin
+                each = capacity // size
+                full, rest = divmod(left, each)
+                next_bin += full + (1 if rest else 0)
+            for start, bins, per in ((first, full, each), (first + full, 1 if rest else 0, rest)):
+                if bins:
+                    runs.append((start, bins, per))
+                    after = room - per * size
+                    if after:
+                        levels[after].append([start, bins])
+                        has_room |= 1 << after
+                    left -= bins * per
+    first, bins, per = (np.asarray(c, dtype=np.int64) for c in zip(*runs)) if runs else (lengths[:0],) * 3
+    ends = np.cumsum(bins)
+    bin_ids = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - bins - first, bins)
+    bin_of_sorted = np.repeat(bin_ids, np.repeat(per, bins))
+    order = by_length[np.argsort(bin_of_sorted, kind="stable")]
+    sizes = np.bincount(bin_of_sorted, minlength=next_bin)
+    return order, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def _plan_of(bins: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64)
+    return order, np.concatenate([[0], np.cumsum([len(b) for b in bins])]).astype(np.int64)
+
+
+def pack_plan(lengths: Sequence[int] | np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole documents into rows of at most `capacity` tokens, in as few rows as we can find quickly.
+
+    Returns (order, starts): document indices in packed order, and the row boundaries in `order` (row r holds
+    `order[starts[r]:starts[r + 1]]`). The fewest rows of `fill_patterns` and `best_fit_counts` (both
+    O(n log n), a few seconds for 10M documents), and for up to `EXACT_MAX_DOCS` documents also of the exact
+    search (`exact_bins`), which wins ties so that small sets pack exactly as they always have. Deterministic.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"an example of {int(lengths.max())} tokens exceeds the pack capacity {capacity}")
+    if len(lengths) and lengths.min() <= 0:
+        raise ValueError(f"example {int(np.argmin(lengths))} is empty")
+    if not len(lengths):
+        return lengths[:0], np.zeros(1, dtype=np.int64)
+    plans = [fill_patterns(lengths, capacity)]
+    if len(lengths) <= EXACT_MAX_DOCS:
+        plans.insert(0, _plan_of(exact_bins(lengths, capacity)))
+    else:
+        plans.append(best_fit_counts(lengths, capacity))
+    return min(plans, key=lambda p: len(p[1]))  # the first of the fewest rows
+
+
+def pack_bins(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
+    """`pack_plan` as a list of rows, each a list of document indices."""
+    order, starts = pack_plan(lengths, capacity)
+    return [order[a:b].tolist() for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+
+
+def lower_bound_rows(lengths: np.ndarray, capacity: int) -> int:
+    """Rows no packing can beat: ceil(tokens / capacity), and a document too long to share a row with even the
+    shortest one has a row to itself."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return 0
+    alone = lengths > capacity - lengths.min()
+    if alone.all():
+        return len(lengths)
+    return int(alone.sum()) + int(-(-int(lengths[~alone].sum()) // capacity))
+
+
+HASH_CHUNK = 1 << 24  # elements per digest update: hashing never copies a whole array
+
+
+def rows_digest(arrays: Sequence[np.ndarray]) -> str:
+    """sha256 of (input_ids, labels, position_ids as int32, offsets as int64), read in slices."""
+    h = hashlib.sha256()
+    for a, dtype in zip(arrays, (np.int32, np.int32, np.int32, np.int64)):
+        for s in range(0, len(a), HASH_CHUNK):
+            h.update(np.ascontiguousarray(a[s : s + HASH_CHUNK], dtype=dtype).data)
+    return h.hexdigest()[:16]
+
+
 class PackedRows(Sequence):
     """Packed rows stored flat (all rows end to end, plus row offsets), as in an Arrow list column.
 
-    `rows[i]` is one row as plain lists: `{"input_ids", "labels", "position_ids"}`.
+    `rows[i]` is one row as plain lists: `{"input_ids", "labels", "position_ids"}`. The arrays may be memory-mapped
+    (`launcher.data.store`); `docs` (document lengths in row order), `digest` and `trained` are then read from the
+    cache's index, so no rank scans the token arrays for them.
     """
 
     def __init__(
-        self, input_ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray, offsets: np.ndarray
+        self,
+        input_ids: np.ndarray,
+        labels: np.ndarray,
+        position_ids: np.ndarray,
+        offsets: np.ndarray,
+        docs: np.ndarray | None = None,
+        digest: str | None = None,
+        trained: int | None = None,
     ):
         assert len(input_ids) == len(labels) == len(position_ids) == offsets[-1], "ragged arrays disagree"
+        assert docs is None or int(np.sum(docs, dtype=np.int64)) == offsets[-1], "document lengths disagree"
         self.input_ids, self.labels, self.position_ids, self.offsets = (
             input_ids,
             labels,
             position_ids,
             offsets,
         )
+        self.docs, self._digest, self._trained = docs, digest, trained
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -240,20 +464,28 @@ class PackedRows(Sequence):
 
     def digest(self) -> str:
         """Content hash of the rows (tokens, labels, row boundaries): what the run trains on, wherever the
-        files it came from live. Reads the memory-mapped arrays once (about 1 s per GB)."""
-        h = hashlib.sha256()
-        for a in (self.input_ids, self.labels, self.position_ids, self.offsets):
-            h.update(np.ascontiguousarray(a, dtype=np.int64 if a is self.offsets else np.int32).tobytes())
-        return h.hexdigest()[:16]
+        files it came from live. Computed once when the cache is written (about 1 s per GB)."""
+        if self._digest is None:
+            self._digest = rows_digest((self.input_ids, self.labels, self.position_ids, self.offsets))
+        return self._digest
 
     @property
     def num_trained(self) -> int:
-        return int(np.count_nonzero(self.labels != IGNORE_INDEX))
+        if self._trained is None:
+            self._trained = int(np.count_nonzero(self.labels != IGNORE_INDEX))
+        return self._trained
+
+    def doc_lengths(self) -> np.ndarray:
+        """Lengths of all documents, in row order."""
+        if self.docs is None:
+            starts = np.flatnonzero(self.position_ids == 0)
+            self.docs = np.diff(np.append(starts, len(self.position_ids)))
+        return self.docs
 
     def costs(self) -> list[tuple[int, int]]:
         """Per row: (attention cost = sum of squared document lengths, tokens)."""
-        starts = np.flatnonzero(self.position_ids == 0)
-        lengths = np.diff(np.append(starts, len(self.position_ids)))
+        lengths = np.asarray(self.doc_lengths(), dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
         row_of_doc = np.searchsorted(self.offsets, starts, side="right") - 1
         attn = np.bincount(row_of_doc, weights=lengths.astype(np.float64) ** 2, minlength=len(self))
         tokens = np.diff(self.offsets)
@@ -263,29 +495,35 @@ class PackedRows(Sequence):
         return [self[i] for i in range(len(self))]
 
 
+def shuffle_rows(order: np.ndarray, starts: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same rows in a seeded random order (their contents unchanged)."""
+    sizes = np.diff(starts)
+    perm = np.random.default_rng(seed).permutation(len(sizes))
+    new_sizes = sizes[perm]
+    new_starts = np.concatenate([[0], np.cumsum(new_sizes)]).astype(np.int64)
+    take = np.arange(int(new_starts[-1])) - np.repeat(new_starts[:-1] - starts[:-1][perm], new_sizes)
+    return order[take], new_starts
+
+
 def pack_arrays(
     input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], max_length: int, seed: int | None = None
 ) -> PackedRows:
-    """Best-fit-decreasing pack of many (input_ids, labels) arrays; see `pack_examples`."""
+    """Pack many (input_ids, labels) arrays held in memory; see `pack_examples`."""
     lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
-    if len(lengths) and lengths.min() == 0:
-        raise ValueError(f"example {int(np.argmin(lengths))} is empty")
-    bins = pack_bins(lengths, max_length)
+    order, starts = pack_plan(lengths, max_length)
     if seed is not None:
-        perm = np.random.default_rng(seed).permutation(len(bins))
-        bins = [bins[i] for i in perm]
-    order = [i for b in bins for i in b]
+        order, starts = shuffle_rows(order, starts, seed)
+    order_l = order.tolist()
     docs = lengths[order]
-    offsets = np.zeros(len(bins) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([int(lengths[b].sum()) for b in bins])
+    offsets = np.cumsum(np.concatenate([[0], docs]))[starts].astype(np.int64)
     ids = (
-        np.concatenate([input_ids[i] for i in order]).astype(np.int32, copy=False)
-        if order
+        np.concatenate([input_ids[i] for i in order_l]).astype(np.int32, copy=False)
+        if order_l
         else np.zeros(0, np.int32)
     )
     labs = (
-        np.concatenate([labels[i] for i in order]).astype(np.int32, copy=True)
-        if order
+        np.concatenate([labels[i] for i in order_l]).astype(np.int32, copy=True)
+        if order_l
         else np.zeros(0, np.int32)
     )
     doc_starts = np.cumsum(docs) - docs
@@ -293,7 +531,7 @@ def pack_arrays(
     # document's last token. It is never a target.
     labs[doc_starts] = IGNORE_INDEX
     positions = (np.arange(len(ids), dtype=np.int64) - np.repeat(doc_starts, docs)).astype(np.int32)
-    return PackedRows(ids, labs, positions, offsets)
+    return PackedRows(ids, labs, positions, offsets, docs=docs.astype(np.int32))
 
 
 def pack_examples(

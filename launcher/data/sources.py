@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
     "human": "user",
@@ -144,31 +146,9 @@ def _read_rows(src: Any, on_error: str, report: SourceReport) -> Iterator[tuple[
     path = Path(str(src.path)).expanduser()
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".jsonl":
-        with path.open("rb") as f:
-            offset = 0
-            for lineno, raw in enumerate(f, 1):
-                line_start, offset = offset, offset + len(raw)
-                line = _decode(raw, path, lineno, line_start)
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if on_error == "skip":
-                        report.rows_read += 1  # read, then dropped: the count matches the file's lines
-                        report.drop("malformed_json")
-                        continue
-                    raise RowError(
-                        f"{path}:{lineno}: malformed JSON at column {e.colno} "
-                        f"(byte offset {line_start + len(line[: e.pos].encode())}): {e.msg}"
-                    ) from None
-                if not isinstance(row, dict):
-                    if on_error == "skip":
-                        report.rows_read += 1
-                        report.drop("not_an_object")
-                        continue
-                    raise RowError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                yield f"{path}:{lineno}", row
+        for offset, lineno, data in jsonl_blocks(path):
+            for _, where, row in parse_jsonl_block(path, data, offset, lineno, on_error, report):
+                yield where, row
     elif path.is_file() and suffix == ".json":
         text = _decode(path.read_bytes(), path, None, 0)
         try:
@@ -206,6 +186,94 @@ def _read_rows(src: Any, on_error: str, report: SourceReport) -> Iterator[tuple[
         raise ValueError(f"data source {path}: no such file")
     else:
         yield from _read_hf(src, path)
+
+
+BLOCK_BYTES = (
+    1 << 20
+)  # JSON Lines are read (and handed to workers) in blocks of whole lines of about this size
+
+
+def _line_start(f: Any, pos: int) -> int:
+    """The first line start at or after byte `pos`."""
+    if pos == 0:
+        return 0
+    f.seek(pos - 1)
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            return f.tell()
+        nl = block.find(b"\n")
+        if nl >= 0:
+            return f.tell() - len(block) + nl + 1
+
+
+def jsonl_range(path: Path, shard: int, shards: int) -> tuple[int, int]:
+    """Byte range [start, end) of shard `shard` of `shards`: the lines that start in that share of the file."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        return _line_start(f, size * shard // shards), _line_start(f, size * (shard + 1) // shards)
+
+
+def jsonl_blocks(
+    path: Path, start: int = 0, end: int | None = None, block_bytes: int = BLOCK_BYTES
+) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, 1-based line number, data) of blocks of whole lines from `start` (a line start) to `end`."""
+    with path.open("rb") as f:
+        lineno = 1
+        if start:  # the line number of a shard that starts mid-file: count the lines before it
+            f.seek(0)
+            left = start
+            while left:
+                block = f.read(min(left, 1 << 24))
+                lineno += block.count(b"\n")
+                left -= len(block)
+        end = path.stat().st_size if end is None else end
+        f.seek(start)
+        offset = start
+        while offset < end:
+            data = f.read(min(block_bytes, end - offset))
+            if not data:
+                break
+            if not data.endswith(b"\n") and offset + len(data) < end:
+                data += f.readline()  # whole lines only; `end` is a line start, so this stops before it
+            yield offset, lineno, data
+            offset += len(data)
+            lineno += data.count(b"\n")
+
+
+def parse_jsonl_block(
+    path: Path, data: bytes, offset: int, lineno: int, on_error: str, report: SourceReport
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(byte offset, location, row) for each non-blank line; malformed lines raise with file, line and byte offset
+    (or, with on_error=skip, are read, dropped and counted)."""
+    pos, n = 0, len(data)
+    while pos < n:
+        nl = data.find(b"\n", pos)
+        stop = n if nl < 0 else nl + 1
+        raw, line_start = data[pos:stop], offset + pos
+        pos = stop
+        line = _decode(raw, path, lineno, line_start)
+        lineno += 1
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if on_error == "skip":
+                report.rows_read += 1  # read, then dropped: the count matches the file's lines
+                report.drop("malformed_json")
+                continue
+            raise RowError(
+                f"{path}:{lineno - 1}: malformed JSON at column {e.colno} "
+                f"(byte offset {line_start + len(line[: e.pos].encode())}): {e.msg}"
+            ) from None
+        if not isinstance(row, dict):
+            if on_error == "skip":
+                report.rows_read += 1
+                report.drop("not_an_object")
+                continue
+            raise RowError(f"{path}:{lineno - 1}: expected a JSON object, got {type(row).__name__}")
+        yield line_start, f"{path}:{lineno - 1}", row
 
 
 def _read_hf(src: Any, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -511,21 +579,28 @@ def passes_filters(row: dict[str, Any], src: Any) -> str | None:
     return None
 
 
-def sample_rows(items: list, src: Any, seed: int, report: SourceReport | None = None) -> list:
-    """Seeded subsample (sample or sample_fraction), then repeat/sample by the mixture weight; rows removed by
-    either are counted in `report` (`sampled_out`, `weighted_out`)."""
+def sample_positions(n: int, src: Any, seed: int, report: SourceReport | None = None) -> np.ndarray:
+    """Positions (into a source's n kept rows) of a seeded subsample (sample or sample_fraction), then repeated
+    and sampled by the mixture weight; rows removed by either are counted in `report` (`sampled_out`,
+    `weighted_out`). Python's `random` draws them, as it always has: the same rows for the same seed."""
     rng = random.Random(f"{seed}:{src.path}:{src.subset}")
-    n = len(items)
-    if src.sample is not None and src.sample < len(items):
-        items = rng.sample(items, src.sample)
+    pos = np.arange(n, dtype=np.int64)
+    if src.sample is not None and src.sample < n:
+        pos = np.asarray(rng.sample(range(n), src.sample), dtype=np.int64)
     elif src.sample_fraction is not None:
-        items = rng.sample(items, round(len(items) * src.sample_fraction))
-    if report is not None and len(items) < n:
-        report.drop("sampled_out", n - len(items))
+        pos = np.asarray(rng.sample(range(n), round(n * src.sample_fraction)), dtype=np.int64)
+    if report is not None and len(pos) < n:
+        report.drop("sampled_out", n - len(pos))
     whole, frac = divmod(float(src.weight), 1.0)
-    out = items * int(whole)
+    out = np.tile(pos, int(whole))
     if frac:
-        out += rng.sample(items, round(len(items) * frac))
-    if report is not None and not whole and len(out) < len(items):
-        report.drop("weighted_out", len(items) - len(out))
+        extra = np.asarray(rng.sample(range(len(pos)), round(len(pos) * frac)), dtype=np.int64)
+        out = np.concatenate([out, pos[extra]])
+    if report is not None and not whole and len(out) < len(pos):
+        report.drop("weighted_out", len(pos) - len(out))
     return out
+
+
+def sample_rows(items: list, src: Any, seed: int, report: SourceReport | None = None) -> list:
+    """`sample_positions` applied to a list."""
+    return [items[i] for i in sample_positions(len(items), src, seed, report).tolist()]

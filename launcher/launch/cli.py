@@ -44,6 +44,15 @@ def positive_float(value: str) -> float:
     return number
 
 
+def shard(value: str) -> tuple[int, int]:
+    from launcher.data.command import parse_shard
+
+    try:
+        return parse_shard(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class Option:
     flags: tuple[str, ...]
@@ -97,10 +106,25 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "prepare",
-        "tokenizes, masks and packs the data once (cached by content hash) and prints the data report",
-        "sft prepare [overrides]",
-        "Tokenizes, masks and packs the data once (cached by content hash) and prints the data report.",
+        "tokenizes, masks and packs the data once (cached by content hash) and prints the data report; "
+        "`--shard i/N` encodes one shard of it (one per node or array task), a plain run then merges them",
+        "sft prepare [--shard i/N] [overrides]",
+        "Tokenizes, masks and packs the data once (cached by content hash) and prints the data report. With "
+        "--shard i/N it only encodes shard i of N (JSON Lines split by byte range, other sources dealt whole) into "
+        "the shared cache, e.g. one per node or Slurm array task (`--shard auto`: the srun step's task rank and "
+        "count, or the array task's; see slurm/prepare.sbatch); a plain `sft prepare` then merges the shards "
+        "(preparing any missing one itself).",
         "prepare",
+        (
+            Option(
+                ("--shard",),
+                {
+                    "type": shard,
+                    "metavar": "i/N",
+                    "help": "encode shard i of N (from 0) into the shared cache; `auto`: from Slurm's task ids",
+                },
+            ),
+        ),
     ),
     Command(
         "preview",

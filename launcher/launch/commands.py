@@ -63,21 +63,21 @@ def _prepared(cfg):
     from launcher.model import load_tokenizer
 
     return cached_prepare(
-        cfg.data, load_tokenizer(cfg.model), cfg.model.chat_template, cfg.cache_dir, build=True
+        cfg.data,
+        load_tokenizer(cfg.model),
+        cfg.model.chat_template,
+        cfg.cache_dir,
+        build=True,
+        progress=cfg.logging.progress,
     )
 
 
 def prepare(args: argparse.Namespace) -> int:
-    import json
-
-    from launcher.data.pipeline import format_report
+    from launcher.data.command import prepare as run_prepare
 
     cfg = compose_config(args.overrides)
     preflight.check_inputs(cfg)
-    prepared = _prepared(cfg)
-    print(format_report(prepared.report))
-    print(json.dumps(prepared.report["cache"]))
-    return EXIT_OK
+    return run_prepare(cfg, args.shard)
 
 
 def render_trained(tok, input_ids: list[int], labels: list[int], color: bool) -> str:
