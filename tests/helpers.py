@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data.template import IGNORE_INDEX
+from launcher.model.moe import MOE_FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -263,111 +264,6 @@ def trained_spans(tok: Any, enc: dict) -> list[str]:
     return [tok.decode(s) for s in spans]
 
 
-# ---- tiny MoE configs (launcher/model/moe.py's families), built from transformers' own config classes ----
-
-MOE_BASE = {
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "max_position_embeddings": 256,
-}
-# 4 experts, 2 per token (Llama 4: 1); what makes each family's MoE itself kept: shared experts, dense first
-# layers, biased routers, grouped routing. Qwen3.5 / Qwen3-Next keep full attention only here: their linear
-# attention leaks across packed documents until #17 item 3 lands, and routing follows the hidden states.
-TINY_MOE: dict[str, dict] = {
-    "qwen2_moe": {
-        "intermediate_size": 64,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-    },
-    "qwen3_moe": {
-        "intermediate_size": 64,
-        "moe_intermediate_size": 16,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-    },
-    "qwen3_5_moe_text": {
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "layer_types": ["full_attention", "full_attention"],
-    },
-    "qwen3_next": {
-        "intermediate_size": 64,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "layer_types": ["full_attention", "full_attention"],
-    },
-    "mixtral": {"intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
-    "gpt_oss": {
-        "intermediate_size": 16,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        "layer_types": ["sliding_attention", "full_attention"],
-        "sliding_window": 4,
-    },
-    "deepseek_v3": {
-        "head_dim": None,  # MLA: the rotary part of each head (qk_rope_head_dim)
-        "num_key_value_heads": 4,
-        "intermediate_size": 64,
-        "moe_intermediate_size": 16,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "n_shared_experts": 1,
-        "n_group": 2,
-        "topk_group": 1,
-        "first_k_dense_replace": 1,
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-    },
-    "glm4_moe": {
-        "intermediate_size": 64,
-        "moe_intermediate_size": 16,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1,
-    },
-    "phimoe": {"intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
-    "olmoe": {"intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2},
-    "llama4_text": {
-        "intermediate_size": 16,
-        "intermediate_size_mlp": 64,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 1,
-        "moe_layers": [0, 1],
-    },
-    "minimax_m2": {"intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
-    "ernie4_5_moe": {
-        "intermediate_size": 64,
-        "moe_intermediate_size": 16,
-        "moe_num_experts": 4,
-        "moe_k": 2,
-        "moe_num_shared_experts": 1,
-        "moe_layer_start_index": 0,
-    },
-}
-
-
-def tiny_moe_config(model_type: str, **overrides):
-    """A tiny random-init config of an MoE family (`TINY_MOE`), from transformers' own config class."""
-    from transformers import AutoConfig
-
-    kwargs = {**MOE_BASE, **TINY_MOE[model_type], **overrides}
-    return AutoConfig.for_model(model_type, **{k: v for k, v in kwargs.items() if v is not None})
-
-
 # ---- tiny configs per family, built from transformers' own config classes ----
 
 # Small enough for a CPU forward in milliseconds; each family keeps what makes it hard to pack (sliding/full and
@@ -581,3 +477,26 @@ def family_reference(key: str) -> tuple[dict, torch.Tensor]:
                 outs.append(model(input_ids=torch.tensor([r["input_ids"][start : start + n]])).logits[0])
                 start += n
     return model.state_dict(), torch.cat(outs)
+
+
+# ---- the MoE families among them, by model type (tests/test_moe.py) ----
+
+MOE_VOCAB = 128
+# model type -> FAMILY_CONFIGS key, for the rows whose family has a router (launcher/model/families.py).
+MOE_KEYS = {
+    FAMILY_CONFIGS[key]["model_type"]: key
+    for key in FAMILY_CONFIGS
+    if FAMILY_CONFIGS[key]["model_type"] in MOE_FAMILIES
+}
+TINY_MOE = list(MOE_KEYS)
+MOE_BASE = {**BASE, "vocab_size": MOE_VOCAB}
+
+
+def tiny_moe_kwargs(model_type: str, **overrides) -> dict:
+    """The keyword arguments of an MoE family's tiny config (its FAMILY_CONFIGS row, vocabulary MOE_VOCAB)."""
+    return {**MOE_BASE, **FAMILY_CONFIGS[MOE_KEYS[model_type]], **overrides}
+
+
+def tiny_moe_config(model_type: str, **overrides):
+    """A tiny random-init config of an MoE family, from transformers' own config class (`family_config`)."""
+    return family_config(MOE_KEYS[model_type], vocab_size=MOE_VOCAB, **overrides)

@@ -263,9 +263,8 @@ FAMILIES: tuple[Family, ...] = (
         tiled_mlp=ALL_MOE,
         moe=MoE(
             "MiniMaxM2SparseMoeBlock",
-            note=SWITCH
-            + " of the raw logits, as transformers computes it (the router picks experts by sigmoid "
-            "score plus a correction bias, frozen here)",
+            note=SWITCH + " (over the raw logits, as transformers computes it; the router picks experts by "
+            "sigmoid score plus a correction bias, frozen here)",
         ),
     ),
     Family(
@@ -360,7 +359,9 @@ def _notes(family: Family) -> str:
     parts += [f"SP: {family.sequence_parallel}"] if family.sequence_parallel else []
     parts += [f"tiled loss: {family.tiled_loss}"] if family.tiled_loss else []
     parts += [f"tiled MLP: {family.tiled_mlp}"] if family.tiled_mlp else []
-    moe_note = family.moe.note.removeprefix(SWITCH).strip(" ()") if family.moe else ""
+    moe_note = family.moe.note.removeprefix(SWITCH).strip() if family.moe else ""
+    if moe_note.startswith("(") and moe_note.endswith(")"):
+        moe_note = moe_note[1:-1]
     parts += [moe_note] if moe_note else []
     parts += [family.notes] if family.notes else []
     return "; ".join(parts).replace("|", "/")

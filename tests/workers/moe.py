@@ -32,7 +32,7 @@ from launcher.loss import target_token_loss
 from launcher.model import load_model
 from launcher.model.moe import MOE_FAMILIES, router_aux
 from launcher.train import train_step
-from tests.helpers import MOE_BASE, TINY_MOE, ds_config, tiny_moe_config
+from tests.helpers import MOE_VOCAB, TINY_MOE, ds_config, tiny_moe_config, tiny_moe_kwargs
 
 CPU = torch.device("cpu")
 REMOTE_CODE = Path(__file__).resolve().parent / "remote_moe" / "modeling_tiny_moe.py"
@@ -200,7 +200,13 @@ def remote_code_checkpoint(root: Path) -> str:
         module.TinyMoeConfig.register_for_auto_class()  # auto_map in config.json, the file copied beside it
         module.TinyMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
         torch.manual_seed(0)
-        config = module.TinyMoeConfig(**{**MOE_BASE, **TINY_MOE["qwen3_moe"], "num_experts_per_tok": 1})
+        config = module.TinyMoeConfig(
+            **{
+                k: v
+                for k, v in tiny_moe_kwargs("qwen3_moe", num_experts_per_tok=1).items()
+                if k != "model_type"
+            }
+        )
         with ds_engine.local_construction():
             model = module.TinyMoeForCausalLM(config)
         force_routing(model, [layer.mlp.gate for layer in model.model.layers])
@@ -257,7 +263,7 @@ def remote_model(path: str, config: dict, through_run: bool) -> torch.nn.Module:
     )
     choice = decide(cfg, CPU, model_config(cfg.model))
     sp = SequenceParallel(1, dist.get_rank(), dist.get_world_size())
-    model, _ = build_training_model(cfg, choice, MOE_BASE["vocab_size"], sp, CPU, init, say=lambda _m: None)
+    model, _ = build_training_model(cfg, choice, MOE_VOCAB, sp, CPU, init, say=lambda _m: None)
     return model
 
 
@@ -346,7 +352,7 @@ def e2e_case(root: Path) -> dict:
     )
     with open_dict(cfg):
         cfg.model.init = {  # the vocabulary is the tokenizer's
-            **{k: v for k, v in {**MOE_BASE, **TINY_MOE["qwen3_moe"]}.items() if k != "vocab_size"},
+            **{k: v for k, v in tiny_moe_kwargs("qwen3_moe").items() if k != "vocab_size"},
             "model_type": "qwen3_moe",
             "output_router_logits": True,
         }
