@@ -6,7 +6,8 @@ a memory budget in each setting.
     python bench/long_context.py                                  # 2 CPU ranks, prints a table, writes JSON
     python bench/long_context.py --lengths 1024 2048 4096 8192 --budget-gib 2 --out bench/results/long_context_cpu.json
 
-Every setting runs in its own `torchrun --nproc_per_node 2` (gloo, real DeepSpeed ZeRO-3, fp32) through
+Every setting runs in its own `torchrun --nproc_per_node 2` (gloo, real DeepSpeed ZeRO-3, fp32): the model,
+engine and loss `sft train` builds (`launcher.run.build_trainable` on a composed config), stepped by
 `launcher.train.train_step`, one optimizer step per row length, lengths ascending, stopping after the first
 length over the budget. One packed row per step (global batch 1 row per data-parallel rank), documents of about
 length/4 tokens, every token trained (the worst case for the logits).
@@ -53,51 +54,43 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher import engine as ds_engine
+    from launcher.config import compose
     from launcher.data import pack_examples
     from launcher.long_context.sequence_parallel import SequenceParallel
-    from launcher.long_context.tiled_loss import tiled_target_token_loss
-    from launcher.long_context.tiled_mlp import install_tiled_mlp
-    from launcher.loss import target_token_loss
     from launcher.metrics import PeakMemory
+    from launcher.run import build_trainable
     from launcher.train import train_step
 
     size, tiled, tiled_mlp = SETTINGS[args.setting]
     info = ds_engine.init_distributed(timeout_minutes=30)
     rank, world = info.rank, info.world_size
     sp = SequenceParallel(size, rank, world)
-    train_cfg = OmegaConf.create(
-        {
-            "global_batch_size": sp.dp_world,
-            "micro_batch_size": 1,
-            "grad_clip": 1.0,
-            "sequence_parallel_size": size,
-        }
+    # What `sft train` builds for this config (`launcher.run.build_trainable`): ZeRO-3, activation checkpointing,
+    # sequence parallelism, the tiled loss and MLP as the run decides them.
+    cfg = compose(
+        [
+            "model=tiny",
+            "model.attention=sdpa",
+            "model.dtype=fp32",
+            "model.gradient_checkpointing=true",
+            f"train.max_steps={len(args.lengths)}",
+            f"train.global_batch_size={sp.dp_world}",
+            "train.micro_batch_size=1",
+            "train.lr=1e-4",
+            "train.warmup_steps=0",
+            "train.grad_clip=1.0",
+            f"train.sequence_parallel_size={size}",
+            f"train.tiled_loss={str(tiled).lower()}",
+            f"train.tiled_mlp={str(tiled_mlp).lower()}",
+        ]
     )
-    ds_cfg = OmegaConf.create(
-        {
-            "stage": 3,
-            "offload_optimizer": False,
-            "offload_params": False,
-            "config_file": None,
-            "overlap_comm": False,
-        }
-    )
-    ds_config = ds_engine.build_ds_config(ds_cfg, train_cfg, world, bf16=False)
-    ds_engine.zero_init_context(ds_config)
+    OmegaConf.update(cfg, "model.init", {k: v for k, v in MODEL.items() if k != "vocab_size"}, merge=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(**MODEL), attn_implementation="sdpa", dtype=torch.float32
-    )
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sp.install(model, "sdpa")
-    if tiled_mlp:
-        install_tiled_mlp(model)
-    eng = ds_engine.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-4), None, ds_config)
-    loss_fn = tiled_target_token_loss if tiled else target_token_loss
+    trainable = build_trainable(cfg, info, MODEL["vocab_size"], sp, say=lambda _m: None)
+    assert trainable.choice.tiled_loss == tiled, trainable.choice
+    eng, loss_fn = trainable.engine, trainable.loss_fn
     g = torch.Generator().manual_seed(rank // size)
     mem = PeakMemory(info.device)  # the training loop's own measure (peak_mem_gb)
     assert mem.per_interval, "/proc/self/clear_refs cannot be written: no per-step peak"
