@@ -500,3 +500,24 @@ def tiny_moe_kwargs(model_type: str, **overrides) -> dict:
 def tiny_moe_config(model_type: str, **overrides):
     """A tiny random-init config of an MoE family, from transformers' own config class (`family_config`)."""
     return family_config(MOE_KEYS[model_type], vocab_size=MOE_VOCAB, **overrides)
+
+
+# ---- the GPU tests' models (tests/test_gpu.py, tests/workers/sequence_parallel.py) ----
+
+GPU_SMALL = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
+GPU_ARCHS = {
+    "llama": dict(model_type="llama"),
+    "qwen2_sliding": dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1
+    ),
+    "mistral_sliding": dict(model_type="mistral", sliding_window=64),
+}
+GPU_LENGTHS = (300, 41, 700, 129, 17, 500)  # two rows of 1,024, windows of 64

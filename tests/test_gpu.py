@@ -12,28 +12,13 @@ from launcher.data import collate, pack_examples
 from launcher.data.packing import doc_lengths
 from launcher.model import load_model
 from launcher.model.attention import varlen_available
-from tests.helpers import sft_cmd
+from tests.helpers import GPU_ARCHS, GPU_LENGTHS, GPU_SMALL, sft_cmd
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-SMALL = dict(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-)
-ARCHS = {
-    "llama": dict(model_type="llama"),
-    "qwen2_sliding": dict(
-        model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1
-    ),
-    "mistral_sliding": dict(model_type="mistral", sliding_window=64),
-}
+SMALL, ARCHS = GPU_SMALL, GPU_ARCHS
 BACKENDS = ["torch_varlen", "flex_attention"] + (
     ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
 )
@@ -57,7 +42,7 @@ def test_packed_equals_per_document_sdpa_reference(tmp_path, arch, attention):
     g = torch.Generator().manual_seed(1)
     docs = [
         {"input_ids": torch.randint(3, 512, (n,), generator=g).tolist(), "labels": [1] * n}
-        for n in (300, 41, 700, 129, 17, 500)
+        for n in GPU_LENGTHS
     ]
     rows = pack_examples(docs, max_length=1024)
     with torch.no_grad():

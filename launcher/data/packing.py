@@ -405,7 +405,29 @@ def rows_digest(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-class PackedRows(Sequence):
+class OffsetSequence(Sequence):
+    """A sequence whose item i lives between `offsets[i]` and `offsets[i + 1]` of some storage: `_item(a, b)` reads
+    it. Slices give lists; negative indices count from the end."""
+
+    offsets: Any
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._item(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def _item(self, a: int, b: int) -> Any:
+        raise NotImplementedError
+
+
+class PackedRows(OffsetSequence):
     """Packed rows stored flat (all rows end to end, plus row offsets), as in an Arrow list column.
 
     `rows[i]` is one row as plain lists: `{"input_ids", "labels", "position_ids"}`. The arrays may be memory-mapped
@@ -433,17 +455,7 @@ class PackedRows(Sequence):
         )
         self.docs, self._digest, self._trained = docs, digest, trained
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+    def _item(self, a: int, b: int) -> dict:
         return {
             "input_ids": self.input_ids[a:b].tolist(),
             "labels": self.labels[a:b].tolist(),

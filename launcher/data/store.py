@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.data.packing import PackedRows
+from launcher.data.packing import OffsetSequence, PackedRows
 from launcher.data.template import IGNORE_INDEX
 
 # One entry per candidate conversation (see launcher.data.encode.ChunkResult), with its dtype.
@@ -267,7 +267,7 @@ def load_rows(path: Path) -> PackedRows:
     )
 
 
-class JsonLines(Sequence):
+class JsonLines(OffsetSequence):
     """A list of JSON values stored one per line, read on demand (`eval_conversations`: usually only the first
     few hundred are generated from). The file stays open, so it outlives its directory."""
 
@@ -283,17 +283,7 @@ class JsonLines(Sequence):
                 f.write(b + b"\n")
         np.save(path.with_suffix(".offsets.npy"), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+    def _item(self, a: int, b: int) -> Any:
         return json.loads(os.pread(self.file.fileno(), b - a, a))
 
     def __eq__(self, other: object) -> bool:

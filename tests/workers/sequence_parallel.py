@@ -73,25 +73,6 @@ def stock_wrapper(sp: SequenceParallel, cfg) -> None:
     AttentionInterface.register("ds_stock", wrapper)
 
 
-GPU_SMALL = dict(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-)
-GPU_ARCHS = {
-    "llama": dict(model_type="llama"),
-    "qwen2_sliding": dict(
-        model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1
-    ),
-    "mistral_sliding": dict(model_type="mistral", sliding_window=64),
-}
-GPU_LENGTHS = (300, 41, 700, 129, 17, 500)  # as tests/test_gpu.py: two rows of 1,024, windows of 64
-
-
 def gpu_main(out: str) -> None:
     import importlib.util
 
@@ -119,14 +100,14 @@ def gpu_main(out: str) -> None:
     g = torch.Generator().manual_seed(1)
     docs = [
         {"input_ids": torch.randint(3, 512, (n,), generator=g).tolist(), "labels": [1] * n}
-        for n in GPU_LENGTHS
+        for n in helpers.GPU_LENGTHS
     ]
     rows = pack_examples(docs, max_length=1024)
     results = {}
-    for name, extra in GPU_ARCHS.items():
+    for name, extra in helpers.GPU_ARCHS.items():
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        cfg = helpers.tiny_config(name, **GPU_SMALL, **extra)
+        cfg = helpers.tiny_config(name, **helpers.GPU_SMALL, **extra)
         unset_hf_deepspeed_config()
         torch.manual_seed(0)
         ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa", dtype=dtype)
