@@ -172,10 +172,17 @@ def leaking_module(
 
 @torch.no_grad()
 def check_packing(
-    model: Any, rows: Sequence[dict], attention: str, device: torch.device, tol: float, sp: Any = None
+    model: Any,
+    rows: Sequence[dict],
+    attention: str,
+    device: torch.device,
+    tol: float,
+    sp: Any = None,
+    skippable: bool = True,
 ) -> dict:
     """Packed vs per-document final hidden states (and logits at sampled positions) on a real packed row,
-    sequence-parallel with `sp`; ValueError if documents leak into each other."""
+    sequence-parallel with `sp`; ValueError if documents leak into each other. `skippable=False`: the run cannot
+    turn the check off (a model no families row vouches for), so the error does not offer it."""
     t0 = time.time()
     row = max(rows[:64], key=lambda r: len(doc_lengths(r["position_ids"])))
     lengths = doc_lengths(row["position_ids"])
@@ -194,7 +201,8 @@ def check_packing(
             f"{what} by {err[worst + '_max_abs_diff']:.3g} (relative {rel:.3g} > {tol}); documents are leaking "
             "into each other"
             + (f" in {where}, which cannot be packed: set data.pack=false" if where else "")
-            + ". Use another model.attention or report this model/backend pair (train.check_packing=false skips)."
+            + ". Use another model.attention or report this model/backend pair"
+            + (" (train.check_packing=false skips)." if skippable else ".")
         )
     return {
         "packing_check_max_abs_diff": err["hidden_max_abs_diff"],

@@ -157,7 +157,15 @@ def before_training(run: Run) -> dict[str, Any]:
         )
     if t.check_packing or unproven:
         rows = run.data.train_rows
-        check = check_packing(run.engine.module, rows, run.attention, run.device, run.precision.tol, run.sp)
+        check = check_packing(
+            run.engine.module,
+            rows,
+            run.attention,
+            run.device,
+            run.precision.tol,
+            run.sp,
+            skippable=not unproven,
+        )
         check["peak_mem_gb_packing_check"] = most_over_ranks(run.memory.take(), run.device)
         results.update(check)
         run.say(f"packing self-check: {check}")

@@ -313,6 +313,19 @@ def test_moe_claim(key):
             assert key_name is None or hasattr(model.config, key_name), (family.name, key_name)
 
 
+@pytest.mark.parametrize("key", list(FAMILY_CONFIGS))
+def test_recurrent_layers_are_made_document_aware(key):
+    """A row with linear-attention or convolution layers packs exactly because launcher/model/linear_attention.py
+    knows its mixer classes (and refuses SP for them); no row has a stateful mixer that module does not know."""
+    from launcher.model.families import LINEAR_SP
+    from launcher.model.linear_attention import mixers, recurrent_layer_types, unhandled_mixers
+
+    family, model = row(key), trainable(key)
+    recurrent = bool(recurrent_layer_types(model.config))
+    assert recurrent == (family.sequence_parallel == LINEAR_SP), family.name
+    assert bool(mixers(model)) == recurrent and unhandled_mixers(model) == [], family.name
+
+
 # ---- refusals before any rank starts ----
 
 

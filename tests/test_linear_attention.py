@@ -291,7 +291,9 @@ def test_sequence_parallel_install_refuses_before_wrapping(model_dirs):
     model = load_model(str(model_dirs["lfm2"]), attention="sdpa")
     sp = SequenceParallel(1, 0, 1)
     sp.size = 2  # a group of two, without starting a process group for it
-    with pytest.raises(ValueError, match="sequence_parallel_size=2: sequence parallelism cannot split lfm2"):
+    with pytest.raises(
+        ValueError, match="sequence_parallel_size=2: LFM2: linear-attention and short-convolution"
+    ):
         sp.install(model, "sdpa")
     assert model.config._attn_implementation == "sdpa"
 

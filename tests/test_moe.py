@@ -17,6 +17,7 @@ from launcher.long_context.offload import enable_checkpointing
 from launcher.long_context.tiled_loss import tiled_target_token_loss
 from launcher.loss import model_inputs, target_token_loss
 from launcher.model import load_model
+from launcher.model.families import family_of
 from launcher.model.moe import (
     LOAD_BALANCING,
     MOE_FAMILIES,
@@ -91,8 +92,13 @@ def test_router_aux_loss_over_packed_rows_equals_transformers_per_document(moe_d
     assert len({len(r["input_ids"]) for r in rows}) > 1  # rows of unequal length: padding
     one_by_one, padded = per_document_reference(moe_dirs[model_type], docs)
     assert abs(one_by_one - padded) <= 1e-5 * abs(one_by_one)
-    # gpt-oss's sinks: eager only on CPU (sdpa is refused; the reference varlen kernel has no sinks)
-    backends = ("eager",) if model_type == "gpt_oss" else ("sdpa", "eager", "torch_varlen")
+    # The backends its families row proves exact (gpt-oss's sinks: eager only on CPU)
+    row = family_of(tiny_moe_config(model_type))
+    backends = [
+        b
+        for b in ("sdpa", "eager", "torch_varlen")
+        if not row.refusal(b, "cpu" if b != "torch_varlen" else "cuda")
+    ]
     for attention in backends:
         model = load_model(str(moe_dirs[model_type]), attention).eval()
         assert not model.config.output_router_logits and model.sft_output_router_logits
@@ -379,10 +385,10 @@ def test_zero3_ranks_routed_to_different_experts_train(dist_results):
 
 @pytest.mark.slow
 def test_zero3_moe_export_reloads_with_the_engines_logits(dist_results):
-    """Every MoE family (gpt-oss aside: the check reloads with sdpa): the consolidated ZeRO-3 weights export, reload
-    with from_pretrained in transformers' own (fused) layout with the engine's logits, and the exported config
-    keeps output_router_logits as the checkpoint had it."""
-    assert set(dist_results["export"]) == set(TINY_MOE) - {"gpt_oss"}
+    """Every MoE family: the consolidated ZeRO-3 weights export, reload with from_pretrained in transformers' own
+    (fused) layout with the engine's hidden states and logits, and the exported config keeps output_router_logits
+    as the checkpoint had it."""
+    assert set(dist_results["export"]) == set(TINY_MOE)
     for model_type, r in dist_results["export"].items():
         assert r["export_check_rel"] <= 1e-4, (model_type, r)
         asks = MOE_FAMILIES[model_type].aux_loss is not None

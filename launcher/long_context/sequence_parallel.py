@@ -73,14 +73,14 @@ def check_sequence_parallel(size: int, model_config: Any) -> None:
     any model, in the table or not), or its heads do not split over the group."""
     from launcher.model.families import family_of
 
-    if problem := sequence_parallel_problem(model_config):  # names the layers
-        raise ValueError(f"train.sequence_parallel_size={size}: {problem}")
     family = family_of(model_config)
-    if family is not None and family.sequence_parallel:
+    if family is not None and family.sequence_parallel:  # what `sft models` shows
         raise ValueError(
             f"train.sequence_parallel_size={size}: {family.name}: {family.sequence_parallel}; "
             "set train.sequence_parallel_size=1"
         )
+    if problem := sequence_parallel_problem(model_config):  # a model no row knows: named by its layers
+        raise ValueError(f"train.sequence_parallel_size={size}: {problem}")
     check_heads(size, model_config)
 
 

@@ -194,6 +194,8 @@ FAMILIES: tuple[Family, ...] = (
             "return on CPU",
         },
         tiled_mlp=ALL_MOE,
+        notes="auto on CUDA picks flex attention, which applies the sinks: shown only by tests/test_gpu.py, "
+        "not yet run on a GPU",
         moe=MoE(
             "GptOssMLP",
             note=SWITCH

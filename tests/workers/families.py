@@ -34,6 +34,7 @@ from launcher.launch.rankerrors import one_line
 from launcher.long_context.sequence_parallel import PREFIX, SequenceParallel, _sp_attention
 from launcher.loss import target_token_loss
 from launcher.model import load_model
+from launcher.model.families import family_of
 from launcher.train import train
 from tests.helpers import ASSETS, FAMILY_CONFIGS, family_config
 
@@ -140,6 +141,27 @@ class RemoteConfig({Config}):
 class RemoteForCausalLM({Model}):
     config_class = RemoteConfig
 """
+# Remote code ships its own mixer classes: Qwen3-Next's Gated DeltaNet under a name no launcher code knows, so
+# nothing makes it restart per document (the self-check must catch it).
+REMOTE_MIXER = """from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+
+class RemoteGatedDeltaNet(Qwen3NextGatedDeltaNet):
+    pass
+
+
+_init = RemoteForCausalLM.__init__
+
+
+def __init__(self, config):
+    _init(self, config)
+    for layer in self.model.layers:
+        if hasattr(layer, "linear_attn"):
+            layer.linear_attn.__class__ = RemoteGatedDeltaNet
+
+
+RemoteForCausalLM.__init__ = __init__
+"""
 
 
 def save_checkpoint(family: str, path: Path, vocab: int) -> None:
@@ -155,6 +177,8 @@ def save_checkpoint(family: str, path: Path, vocab: int) -> None:
     if remote:
         kind = f"sft_test_{config.model_type}"
         code = REMOTE_CODE.format(Config=type(config).__name__, Model=type(model).__name__, kind=kind)
+        if config.model_type == "qwen3_next":
+            code += "\n\n" + REMOTE_MIXER
         (path / "remote_model.py").write_text(code)
         meta = json.loads((path / "config.json").read_text())
         meta.update(
@@ -186,12 +210,21 @@ def main(out: Path, tokenizer: str, families: list[str]) -> None:
         r: dict = {}
         try:
             remote = ["model.trust_remote_code=true"] if family.startswith("remote-") else []
-            args = overrides(path, tokenizer, out / "runs" / family, out / "cache", *remote)
+            row = family_of(family_config(family.removeprefix("remote-")))
+            asks = (
+                row.moe is not None and row.moe.aux_loss and not remote
+            )  # (remote: no row knows its router)
+            aux = ["train.router_aux_loss=true"] if asks else []
+            args = overrides(path, tokenizer, out / "runs" / family, out / "cache", *remote, *aux)
             got = sft_train(args)
             if "refused" in got:
                 r["train_refused"] = got["refused"]
                 got = sft_train([*args, "data.pack=false"])  # what the line says to do
             r["train"] = {k: v for k, v in got.items() if isinstance(v, (int, float, str))}
+            logged = [
+                json.loads(x) for x in (out / "runs" / family / "metrics.jsonl").read_text().splitlines()
+            ]
+            r["train"]["aux_losses"] = [m["aux_loss"] for m in logged if "aux_loss" in m]
             if remote:  # what is asked of code no row vouches for: the self-check
                 raise StopIteration
             tiled = sft_train(
