@@ -125,7 +125,8 @@ def leaking_module(
     """The layer that lets documents leak into each other, as `Class (path)`, or None: on the row's second
     document, the first module (in the order modules finish, so the innermost) whose packed output differs from
     its output for the document alone. When its input differs too, the leak is in the code of the module around it
-    (Gated DeltaNet's recurrence runs between its projections), so that one is named. One process, whole rows."""
+    (Gated DeltaNet's recurrence runs between its projections), so that one is named. One process, on the row's
+    first two documents only, the LM head run at no position (never [T, vocab] logits; it is not hooked)."""
     seen: dict[str, list] = {}  # name -> [(input, output)] per forward
     order: list[str] = []
 
@@ -141,16 +142,18 @@ def leaking_module(
 
         return hook
 
-    hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    head = model.get_output_embeddings()
+    hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and m is not head]
     n0, n1 = lengths[0], lengths[1]
+    row = {k: row[k][: n0 + n1] for k in ("input_ids", "labels", "position_ids")}  # the first two documents
     second = {k: row[k][n0 : n0 + n1] for k in ("input_ids", "labels")}
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
     try:
-        model(**model_inputs(collate([row], attention, device=device)))
+        model(**model_inputs(collate([row], attention, device=device)), logits_to_keep=nothing)
         packed = {n: v[0] for n, v in seen.items()}
         seen.clear()
-        model(
-            **model_inputs(collate([{**second, "position_ids": list(range(n1))}], attention, device=device))
-        )
+        alone = collate([{**second, "position_ids": list(range(n1))}], attention, device=device)
+        model(**model_inputs(alone), logits_to_keep=nothing)
         alone = {n: v[0] for n, v in seen.items()}
     finally:
         for h in hooks:

@@ -17,8 +17,8 @@ import pytest
 from launcher.config import compose
 from launcher.data import sources
 from launcher.data.encode import ChunkResult
-from launcher.data.packing import best_fit_counts, lower_bound_rows, pack_plan
-from launcher.data.pipeline import cached_prepare, prepare_data
+from launcher.data.packing import best_fit_counts, lower_bound_rows, pack_plan, position_checksum
+from launcher.data.pipeline import cached_prepare, format_report, prepare_data
 from launcher.data.store import EncodedPart, PartWriter, load_rows, write_rows
 from launcher.data.template import IGNORE_INDEX, encode_conversation
 from launcher.model import load_tokenizer
@@ -99,9 +99,15 @@ def test_a_million_documents_are_packed_whole_with_every_token_once(tmp_path):
     assert np.array_equal(np.flatnonzero(pos == 0), out_start)
     assert np.array_equal(pos, np.arange(len(pos)) - np.repeat(out_start, lens))
     assert np.isin(out.offsets[:-1], out_start).all() and np.diff(out.offsets).max() <= capacity
-    # Tokens in = tokens out (count and checksum), and the digest is the rows' own.
+    # Tokens in = tokens out (count and position checksum), and the digest is the rows' own.
     assert out.num_tokens == int(doc_len.sum())
-    assert int(got.sum(dtype=np.int64)) == sum(int(i.sum(dtype=np.int64)) for i in ids) == index["ids_sum"]
+    want = sum(
+        position_checksum(
+            ids[k][aranges(np.cumsum(L) - L, L)], np.arange(int(L.sum())) - np.repeat(np.cumsum(L) - L, L)
+        )
+        for k, L in enumerate(lengths)
+    )
+    assert position_checksum(got, pos) == want == index["ids_sum"]
     assert out.digest() == type(out)(got, np.asarray(out.labels), pos, out.offsets).digest()
 
 
@@ -185,8 +191,36 @@ def test_processes_and_chunking_do_not_change_the_prepared_bytes(big_jsonl, in_w
     )
     assert src["truncated"] > 0 and src["rows_read"] == N_ROWS
     assert src["dropped"]["held_out_for_eval"] == 300 and one.report["eval"]["conversations"] == 300
-    assert set(one.report["stages"]) >= {"read", "render", "tokenize", "pack", "write"}
-    assert one.report["peak_rss_gb"] > 0
+    stages = one.report["stages"]
+    assert all(stages[k] > 0 for k in ("read", "render", "tokenize", "pack", "write", "encode_wall")), stages
+    assert 0 < one.report["peak_rss_gb"] < 3 and 0 < max(two.report["encode_peak_rss_gb"].values()) < 3
+    line = format_report(two.report).splitlines()[-1]  # the data report's time and memory line
+    for stage in ("encode", "read", "render", "tokenize", "pack", "write", "peak RSS", "2 encoding processes"):
+        assert stage in line, (stage, line)
+
+
+def test_a_token_written_out_of_place_stops_the_preparation(tmp_path, monkeypatch):
+    """The tokens-in = tokens-out check weighs each token by its position: two tokens of a document swapped while
+    the rows are written (same count, same plain sum) stop the preparation with one line, and nothing is cached."""
+    from launcher.data import store
+
+    real, calls = store._aranges, []
+
+    def src_swapped(starts, lengths):  # write_rows asks for source, then destination indices
+        out = real(starts, lengths)
+        calls.append(1)
+        if len(calls) % 2 == 1 and len(out) > 1:
+            out = out.copy()
+            out[[0, 1]] = out[[1, 0]]
+        return out
+
+    monkeypatch.setattr(store, "_aranges", src_swapped)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(gen_rows(200)))
+    cfg = compose(recipe(path, "data.num_proc=1", "data.eval_size=0"))
+    with pytest.raises(RuntimeError, match="packed train rows differ from the encoded conversations"):
+        cached_prepare(cfg.data, load_tokenizer(cfg.model), None, str(tmp_path / "cache"), build=True)
+    assert not list((tmp_path / "cache").glob("prepared-*/meta.json")), "a wrong preparation was cached"
 
 
 def test_masks_at_scale_are_the_single_conversation_encoding(big_jsonl, in_workers):

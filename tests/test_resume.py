@@ -73,6 +73,8 @@ def test_a_killed_job_resumes_exactly_from_its_last_checkpoint(tmp_path, straigh
     out = launch(run_dir, cache, "train.max_steps=8", "train.resume=auto")
     resumed_from = int(out.split("resumed at step ")[1].split()[0])
     assert resumed_from % 3 == 0 and resumed_from <= killed_at
+    # A second job on the same data and tokenizer prepares nothing: one line says so.
+    assert out.count("data cache hit: ") == 1 and "(nothing prepared" in out, out[-3000:]
     assert_same_steps({k: v for k, v in train_rows(run_dir).items() if k <= 8}, want)
 
 

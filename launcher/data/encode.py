@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from launcher.data.packing import position_checksum
 from launcher.data.sources import (
     RowError,
     SourceReport,
@@ -111,7 +112,9 @@ class ChunkResult:
     trained: np.ndarray  # int32 per candidate: trained tokens (labels != -100)
     truncated: np.ndarray  # uint8 per candidate: cut at a turn boundary (data.overlong=truncate)
     lost: np.ndarray  # int32 per candidate: trained tokens the cut removed
-    id_sums: np.ndarray  # int64 per candidate: sum of its token ids (the tokens-in checksum)
+    id_sums: (
+        np.ndarray
+    )  # int64 per candidate: sum of id x (position + 1) over its tokens (the tokens-in checksum)
     ids: np.ndarray  # int32: the OK candidates' tokens, end to end
     mask: np.ndarray  # uint8 per token: 1 where trained
     messages: list[bytes] | None  # JSON of each OK candidate's messages, when the source keeps them
@@ -261,7 +264,7 @@ def encode_chunk(
         mask = labels != IGNORE_INDEX
         assert np.array_equal(labels[mask], n_ids[mask]), "a trained label is not its token"
         lengths[k] = len(n_ids)
-        id_sums[k] = int(n_ids.sum(dtype=np.int64))
+        id_sums[k] = position_checksum(n_ids, np.arange(len(n_ids)))
         ids.append(n_ids.astype(np.int32, copy=False))
         masks.append(mask.astype(np.uint8))
         if messages is not None:

@@ -405,6 +405,12 @@ def rows_digest(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
+def position_checksum(ids: np.ndarray, positions: np.ndarray) -> int:
+    """sum(id x (position in its document + 1)): equal for a conversation encoded and the same tokens written
+    into packed rows only if every token landed, once, at its own position (a plain sum misses swaps)."""
+    return int(np.dot(ids.astype(np.int64), positions.astype(np.int64) + 1))
+
+
 class OffsetSequence(Sequence):
     """A sequence whose item i lives between `offsets[i]` and `offsets[i + 1]` of some storage: `_item(a, b)` reads
     it. Slices give lists; negative indices count from the end."""

@@ -63,7 +63,7 @@ from launcher.data.store import EncodedPart, JsonLines, PartWriter, load_rows, w
 from launcher.data.template import IGNORE_INDEX
 
 # 5: streamed preparation; rows as flat memory-mapped .npy files; counts-based packing beyond 8192 conversations
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 ROWS_PER_CHUNK = (
     1024  # rows per chunk for sources that are not JSON Lines (JSON arrays, CSV, parquet, datasets)
 )
@@ -456,11 +456,15 @@ def merge(
             index = write_rows(
                 out / name, flat, items.part[order], items.start[order], items.length[order], starts, progress
             )
-            # Tokens in = tokens out: every kept conversation's ids, once per time it was picked.
-            assert index["tokens"] == int(items.length.sum()), "packed tokens differ from the conversations'"
-            assert index["ids_sum"] == int(items.id_sum.sum()), (
-                "packed token ids differ from the conversations'"
-            )
+            # Tokens in = tokens out: every kept conversation's ids, each at its own position, once per time it
+            # was picked (checksums compared modulo 2**64, as numpy sums them).
+            want = (int(items.length.sum()), int(items.id_sum.sum(dtype=np.uint64)))
+            got = (index["tokens"], index["ids_sum"] % 2**64)
+            if got != want:
+                raise RuntimeError(
+                    f"packed {name} rows differ from the encoded conversations (tokens, checksum: {got} vs "
+                    f"{want}): a bug in packing, nothing was cached"
+                )
         else:
             index = {"rows": 0, "tokens": 0, "trained": 0}
         indexes[name] = index

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.data.packing import OffsetSequence, PackedRows
+from launcher.data.packing import OffsetSequence, PackedRows, position_checksum
 from launcher.data.template import IGNORE_INDEX
 
 # One entry per candidate conversation (see launcher.data.encode.ChunkResult), with its dtype.
@@ -210,7 +210,7 @@ def write_rows(
         files["position_ids"].write(positions.data)
         h_ids.update(ids.data)
         trained += int(np.count_nonzero(labels != IGNORE_INDEX))
-        ids_sum += int(ids.sum(dtype=np.int64))
+        ids_sum += position_checksum(ids, positions)
         for part in parts:
             part.release()
         if progress is not None:
