@@ -195,7 +195,16 @@ def test_processes_and_chunking_do_not_change_the_prepared_bytes(big_jsonl, in_w
     assert all(stages[k] > 0 for k in ("read", "render", "tokenize", "pack", "write", "encode_wall")), stages
     assert 0 < one.report["peak_rss_gb"] < 3 and 0 < max(two.report["encode_peak_rss_gb"].values()) < 3
     line = format_report(two.report).splitlines()[-1]  # the data report's time and memory line
-    for stage in ("encode", "read", "render", "tokenize", "pack", "write", "peak RSS", "2 encoding processes"):
+    for stage in (
+        "encode",
+        "read",
+        "render",
+        "tokenize",
+        "pack",
+        "write",
+        "peak RSS",
+        "2 encoding processes",
+    ):
         assert stage in line, (stage, line)
 
 

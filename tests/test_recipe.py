@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,15 @@ def test_prepared_data_is_cached_by_content(tmp_path, monkeypatch):
     assert pipeline.cached_prepare(
         more_procs.data, tok, None, str(tmp_path / "cache"), build=False
     ).train_rows
+    # The key is the files' bytes: a copy written later (another node's disk, a new mtime) hits; a byte changed
+    # (same size) misses.
+    os.utime(path, ns=(1, 1))
+    assert pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=False).train_rows
+    data = bytearray(Path(path).read_bytes())
+    data[data.index(b"a")] = ord("b")
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(FileNotFoundError):
+        pipeline.cached_prepare(cfg.data, tok, None, str(tmp_path / "cache"), build=False)
     # Any change to the recipe is a different content hash: the cache misses (and here would re-tokenize).
     changed = compose([f"data.sources=[{{path: {path}}}]", "data.eval_sources=[]", "data.max_length=300"])
     with pytest.raises(FileNotFoundError):

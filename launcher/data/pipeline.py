@@ -533,9 +533,10 @@ def fingerprint(data_cfg: Any, tok: Any, template: str | None) -> str:
         p = Path(str(src.path)).expanduser()
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
         for f in files:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+            if f.is_file():  # by content, so a copy of the data on another node's disk is the same data
+                with f.open("rb") as fh:
+                    h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:".encode())
+                    h.update(hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()[:16]
 
 
