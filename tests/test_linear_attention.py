@@ -410,7 +410,7 @@ def test_qwen3_5_trains_end_to_end_under_zero3(tmp_path):
     check = re.search(r"packing self-check: .*'packing_check_rel': ([0-9.e-]+)", out)
     assert check and float(check.group(1)) <= 1e-5, out[-3000:]
     assert "attention=sdpa" in out and "ZeRO stage 3" in out
-    assert "reloads with the engine's logits" in out
+    assert "reloads with the engine's hidden states and logits" in out
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0], losses

@@ -9,8 +9,8 @@ Per family (tests/helpers.py::FAMILY_CONFIGS, built at the tokenizer's vocabular
 - `tiled`: the same run's first step with `train.tiled_loss=true` (and the same start-up, so a router that draws
   noise while training, Phi-MoE's, draws the same): its loss must equal the untiled one, or the preflight refuses
   it with the row's reason.
-- `sp`: sequence parallelism (S=2) on a plain copy of the model on each rank: whole-row logits and the gradients
-  of the summed loss against the same model without SP. Run whether the row allows it or not (refused rows must
+- `sp`: sequence parallelism (S=2) on a plain copy of the model on each rank: whole-row final hidden states and
+  the gradients of the summed loss against the same model without SP. Run whether the row allows it or not (refused rows must
   show why).
 Rank 0 writes OUT_DIR/results.json: {family: {...}}.
 """
@@ -32,7 +32,7 @@ from launcher.data import collate, pack_examples
 from launcher.launch import preflight
 from launcher.launch.rankerrors import one_line
 from launcher.long_context.sequence_parallel import PREFIX, SequenceParallel, _sp_attention
-from launcher.loss import target_token_loss
+from launcher.loss import final_hidden_states, target_token_loss
 from launcher.model import load_model
 from launcher.model.families import family_of
 from launcher.train import train
@@ -95,27 +95,25 @@ def sequence_parallel(path: Path, attention: str) -> dict:
     batch = collate(rows, attention)
     whole, n = target_token_loss(plain, batch)
     whole.backward()
-    logits = plain(**{k: v for k, v in collate(rows, attention).items() if k != "labels"}).logits
+    with torch.no_grad():  # the LM head's input: the same head then maps both (never [T, vocab] here)
+        hidden = final_hidden_states(plain, collate(rows, attention))
     with sp.shard(collate(rows, attention)) as local:
         part, _ = target_token_loss(wrapped, local)
     part.backward()
-    sp_logits = sp.logits(wrapped, collate(rows, attention))
+    with torch.no_grad():
+        sp_hidden = sp.hidden_states(wrapped, collate(rows, attention))
     grads = []
     for p, q in zip(plain.parameters(), wrapped.parameters(), strict=True):
         g = q.grad if q.grad is not None else torch.zeros_like(q)
         dist.all_reduce(g)  # the group's slices together make the rows' gradient
         grads.append(((p.grad if p.grad is not None else torch.zeros_like(p)) - g).abs().max().item())
     scale_g = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
-    real = [i for i in range(len(rows))]
-    d_logits = max(
-        (logits[i, : len(rows[i]["input_ids"])] - sp_logits[i, : len(rows[i]["input_ids"])])
-        .abs()
-        .max()
-        .item()
-        for i in real
+    d_hidden = max(
+        (hidden[i, : len(r["input_ids"])] - sp_hidden[i, : len(r["input_ids"])]).abs().max().item()
+        for i, r in enumerate(rows)
     )
     return {
-        "logits_rel": d_logits / logits.abs().max().item(),
+        "hidden_rel": d_hidden / hidden.abs().max().item(),
         "grad_rel": max(grads) / scale_g,
     }
 
