@@ -21,7 +21,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,15 @@ def _aranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     )
 
 
+def _blocks(ends: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Documents [d, e) of about GATHER_TOKENS tokens each (at least one document), given their cumulative ends."""
+    d = 0
+    while d < len(ends):
+        e = max(d + 1, int(np.searchsorted(ends, (ends[d - 1] if d else 0) + GATHER_TOKENS, side="right")))
+        yield d, e
+        d = e
+
+
 def write_rows(
     out: Path,
     parts: Sequence[EncodedPart],
@@ -184,10 +193,7 @@ def write_rows(
     }
     h_ids = hashlib.sha256()
     trained = ids_sum = 0
-    d = 0
-    while d < len(doc_len):
-        # Documents [d, e): about GATHER_TOKENS tokens (at least one document).
-        e = max(d + 1, int(np.searchsorted(ends, (ends[d - 1] if d else 0) + GATHER_TOKENS, side="right")))
+    for d, e in _blocks(ends):
         lens = doc_len[d:e]
         starts = np.cumsum(lens) - lens
         n = int(lens.sum())
@@ -215,15 +221,14 @@ def write_rows(
             part.release()
         if progress is not None:
             progress.advance(tokens=n)
-        d = e
     for f in files.values():
         f.close()
     # The digest is PackedRows.digest(): sha256 over input_ids, labels, position_ids, offsets, in that order.
     # input_ids were hashed as written; labels are read back once; positions are recomputed.
     h = h_ids
     _hash_npy(out / "labels.npy", h)
-    for d in range(0, len(doc_len), 1 << 22):
-        lens = doc_len[d : d + (1 << 22)]
+    for d, e in _blocks(ends):  # bounded by tokens: 10M documents' positions at once would be tens of GB
+        lens = doc_len[d:e]
         starts = np.cumsum(lens) - lens
         h.update((np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(starts, lens)).astype(np.int32).data)
     h.update(offsets.data)
