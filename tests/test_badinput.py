@@ -94,9 +94,9 @@ CASES = [
         "sp_linear_attention",
         ["train.sequence_parallel_size=2", "model.init.model_type=qwen3_5_text", "train.global_batch_size=4"],
         [
-            "train.sequence_parallel_size=2: sequence parallelism cannot split qwen3_5_text rows",
-            "linear_attention layers",
-            "use train.sequence_parallel_size=1",
+            "train.sequence_parallel_size=2: Qwen3.5 (dense, text): linear-attention and short-convolution layers",
+            "a recurrence split across ranks would need its state passed between them",
+            "set train.sequence_parallel_size=1",
         ],
     ),
     Case("eval_every", ["train.eval_every=-5"], ["train.eval_every=-5 must be >= 0"]),
