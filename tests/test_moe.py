@@ -180,7 +180,8 @@ def test_router_aux_setting(moe_dirs, tmp_path):
 
 def test_preflight_refuses_an_unknown_moe_asking_for_router_logits():
     """Before any rank starts (the launcher's preflight and `sft check` decide as the run does): a model type
-    outside the MoE table whose config asks for router logits is refused in one line, naming the way out."""
+    outside the families table's MoE rows whose config asks for router logits
+    is refused in one line, naming the way out."""
     from launcher.config import compose
     from launcher.errors import UserError
     from launcher.launch.preflight import check_model_config
@@ -217,7 +218,7 @@ def test_token_mask_is_loss_only():
 
 @pytest.mark.parametrize("model_type", sorted(TINY_MOE))
 def test_moe_table_matches_transformers(model_type):
-    """Each row of the MoE table says what transformers 5.23's code does: the block class is the model's MoE
+    """Each MoE row of the families table says what transformers 5.23's code does: the block class is the model's MoE
     block (what ZeRO-3 may gather whole), an auxiliary loss is claimed exactly where the family's modeling module
     has transformers' load_balancing_loss_func and its config the coefficient, no family has a router z-loss,
     and "balanced by a bias" exactly where a correction-bias buffer is all there is."""
