@@ -28,7 +28,7 @@ from launcher import engine as ds_engine
 from launcher.checkpoint import TrainState
 from launcher.config import batch_layout, validate
 from launcher.data.loader import StepSampler
-from launcher.data.pipeline import Prepared, cached_prepare, format_report
+from launcher.data.pipeline import Prepared, cached_prepare, format_report, load_prepared
 from launcher.evaluate import eval_loss
 from launcher.long_context.offload import CheckpointOffload, enable_checkpointing
 from launcher.long_context.sequence_parallel import SequenceParallel
@@ -323,7 +323,10 @@ def build_data(cfg: DictConfig, tok: Any, info: ds_engine.DistInfo) -> Prepared:
         prepared = cached_prepare(
             cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True, progress=cfg.logging.progress
         )
-    dist.barrier(group=slow)
+    # The content hash reads every source file: rank 0 says where the data is instead of each rank hashing again
+    # (same cache_dir and content on every node, so the same path).
+    where = [prepared.report["cache"]["path"] if prepared is not None else None]
+    dist.broadcast_object_list(where, src=0, group=slow)
     if prepared is None:
-        prepared = cached_prepare(cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=False)
+        prepared = load_prepared(Path(where[0]))
     return prepared

@@ -594,6 +594,13 @@ def _complete_shards(shards_dir: Path) -> dict[int, set[int]]:
     return done
 
 
+def load_prepared(path: Path) -> Prepared:
+    """The prepared data at `path` (a `prepared-<hash>` dir that exists), memory-mapped; report["cache"] says so."""
+    prepared = _load(path)
+    prepared.report["cache"] = {"path": str(path), "hit": True}
+    return prepared
+
+
 def _load(path: Path) -> Prepared:
     meta = json.loads((path / "meta.json").read_text())
     return Prepared(
