@@ -19,7 +19,15 @@ from launcher.data import sources
 from launcher.data.encode import ChunkResult
 from launcher.data.packing import best_fit_counts, lower_bound_rows, pack_plan, position_checksum
 from launcher.data.pipeline import cached_prepare, format_report, prepare_data
-from launcher.data.store import EncodedPart, PartWriter, load_rows, write_rows
+from launcher.data.store import (
+    GATHER_DOCS,
+    GATHER_TOKENS,
+    EncodedPart,
+    PartWriter,
+    _blocks,
+    load_rows,
+    write_rows,
+)
 from launcher.data.template import IGNORE_INDEX, encode_conversation
 from launcher.model import load_tokenizer
 from tests.helpers import ROOT, sft_cmd, sft_env
@@ -109,6 +117,23 @@ def test_a_million_documents_are_packed_whole_with_every_token_once(tmp_path):
     )
     assert position_checksum(got, pos) == want == index["ids_sum"]
     assert out.digest() == type(out)(got, np.asarray(out.labels), pos, out.offsets).digest()
+
+
+def test_rows_are_gathered_in_blocks_bounded_by_documents_and_tokens():
+    # Each document read through a memory map faults in 64 KiB around it: the resident mapped pages between two
+    # releases grow with the documents per block, so a block is bounded in both (bench/data_scale.py: 10M
+    # conversations peaked at 7 GB RSS, 5.2 GB of it mapped file pages, when blocks were bounded by tokens only).
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate(
+        [rng.integers(1, 40, 50_000), [GATHER_TOKENS + 5], rng.integers(500, 4000, 3000)]
+    )
+    ends = np.cumsum(lengths)
+    blocks = list(_blocks(ends))
+    assert [d for d, _ in blocks] == [0] + [e for _, e in blocks[:-1]] and blocks[-1][1] == len(lengths)
+    for d, e in blocks:
+        assert e - d <= GATHER_DOCS
+        assert e - d == 1 or lengths[d:e].sum() <= GATHER_TOKENS, "only a lone document may exceed the tokens"
+    assert max(e - d for d, e in blocks) == GATHER_DOCS  # short documents: the document bound is the one met
 
 
 def gen_rows(n: int, seed: int = 0) -> list[str]:

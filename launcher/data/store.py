@@ -41,6 +41,10 @@ CANDIDATE_COLUMNS = {
     "id_sums": np.int64,
 }
 GATHER_TOKENS = 1 << 22  # tokens gathered per step when writing packed rows (a few tens of MB of buffers)
+# Documents gathered per step: each document read through a memory map faults in the pages around it too
+# (the kernel's fault-around, 64 KiB, whatever madvise says), so the mapped pages resident between two
+# releases grow with the documents, not the tokens: 2048 documents keep them under 256 MiB at any size.
+GATHER_DOCS = 2048
 READ_BYTES = 1 << 24
 
 
@@ -161,10 +165,12 @@ def _aranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _blocks(ends: np.ndarray) -> Iterator[tuple[int, int]]:
-    """Documents [d, e) of about GATHER_TOKENS tokens each (at least one document), given their cumulative ends."""
+    """Documents [d, e) of at most GATHER_TOKENS tokens and GATHER_DOCS documents each (at least one document),
+    given their cumulative ends."""
     d = 0
     while d < len(ends):
         e = max(d + 1, int(np.searchsorted(ends, (ends[d - 1] if d else 0) + GATHER_TOKENS, side="right")))
+        e = min(e, d + GATHER_DOCS)
         yield d, e
         d = e
 
@@ -206,6 +212,7 @@ def write_rows(
             part_ids, part_mask = parts[p].maps()
             ids[dst] = part_ids.array[src]
             mask[dst] = part_mask.array[src]
+            parts[p].release()
         labels = np.where(mask.astype(bool), ids, np.int32(IGNORE_INDEX)).astype(np.int32)
         # HF shifts labels inside the loss: position 0 of a document would be predicted from the previous
         # document's last token. It is never a target.
@@ -217,8 +224,6 @@ def write_rows(
         h_ids.update(ids.data)
         trained += int(np.count_nonzero(labels != IGNORE_INDEX))
         ids_sum += position_checksum(ids, positions)
-        for part in parts:
-            part.release()
         if progress is not None:
             progress.advance(tokens=n)
     for f in files.values():
