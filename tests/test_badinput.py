@@ -345,7 +345,13 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# One case of each kind runs in `make test-fast` (each case is a new interpreter, ~3 s); all run in `make test`.
+FAST_CASES = {"type", "command_typo", "model_dir_missing", "data_file_missing", "malformed_json", "sp_heads"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=() if c.id in FAST_CASES else pytest.mark.slow) for c in CASES]
+)
 def test_bad_input_is_one_clear_line(case, tmp_path):
     if case.id == "bf16_on_cpu":
         import torch

@@ -284,6 +284,7 @@ def sft(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # three `sft prepare` processes
 def test_shards_merge_into_the_one_preparation_and_a_second_job_only_loads(big_jsonl, in_workers, tmp_path):
     overrides = [*recipe(big_jsonl), "data.num_proc=1", "logging.progress=false", f"cache_dir={tmp_path}"]
     for shard in ("0/3", "2/3"):  # shard 1/3 is missing: the merge prepares it itself, and says so

@@ -50,8 +50,8 @@ def closed_form_params(c: dict) -> tuple[int, int]:
     "ds_overrides, offload",
     [
         ([], (False, False)),
-        (["deepspeed.offload_optimizer=true"], (True, False)),
-        (["deepspeed=zero3_offload"], (True, True)),
+        pytest.param(["deepspeed.offload_optimizer=true"], (True, False), marks=pytest.mark.slow),
+        pytest.param(["deepspeed=zero3_offload"], (True, True), marks=pytest.mark.slow),
     ],
     ids=["gpu", "offload_optimizer", "offload_params"],
 )
@@ -97,6 +97,7 @@ def test_plan_model_states_agree_with_deepspeed_on_llama3_8b(llama3_8b, ds_overr
 
 
 @pytest.mark.badinput
+@pytest.mark.slow  # several `sft plan` processes
 def test_plan_says_what_does_not_fit_and_what_would(llama3_8b):
     args = [
         "--nodes",
@@ -125,6 +126,7 @@ def test_plan_says_what_does_not_fit_and_what_would(llama3_8b):
     assert big.returncode == 0 and "fits" in big.stdout.splitlines()[-1], big.stdout[-1000:]
 
 
+@pytest.mark.slow  # several `sft plan` processes
 def test_plan_reads_the_prepared_data(tmp_path):
     """Once the data is prepared, the plan counts steps per epoch and tokens from the real packed rows."""
     cache = f"cache_dir={tmp_path / 'cache'}"
@@ -140,6 +142,7 @@ def test_plan_reads_the_prepared_data(tmp_path):
     assert after["tokens_per_step"] < before["tokens_per_step"]  # packed rows are not all full
 
 
+@pytest.mark.slow  # several `sft plan` processes
 def test_plan_accounts_for_sequence_parallelism_and_tiling(llama3_8b):
     """S=2 halves every per-token term and the data-parallel ranks; the tiled loss keeps one tile of logits;
     the tiled MLP keeps one tile of MLP intermediates in flight."""
@@ -167,6 +170,7 @@ def test_plan_accounts_for_sequence_parallelism_and_tiling(llama3_8b):
     assert saved * 2**30 == pytest.approx(32 * 4 * 14336 * 32768 * 2 - 4 * 14336 * 4096 * 2, rel=1e-6)
 
 
+@pytest.mark.slow  # several `sft plan` processes
 def test_plan_checkpoint_offload_moves_the_layer_inputs_to_host_memory(llama3_8b):
     """With the layer inputs in host memory the GPU keeps one of them (plus one layer recomputed); the plan says
     how much the host holds, and suggests the offload when only it makes the run fit."""
@@ -200,6 +204,7 @@ def test_plan_checkpoint_offload_moves_the_layer_inputs_to_host_memory(llama3_8b
     assert "with the layer inputs in host memory" in text and "checkpoint offload on: 8.00 of layer" in text
 
 
+@pytest.mark.slow  # several `sft plan` processes
 def test_plan_picks_the_nearest_batch_that_divides_over_the_cluster():
     """The demo's 8 rows in micro-batches of 4 do not divide over 8 GPUs: the planner keeps the global batch and
     lowers the micro batch (and says so); a global batch that does not divide over the ranks at all becomes the
