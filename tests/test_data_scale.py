@@ -351,3 +351,22 @@ def test_progress_says_rows_and_tokens_per_second(tmp_path, monkeypatch):
     encode = next(x for x in lines if x.startswith("data: encode d.jsonl 100%"))
     assert "2,000 rows" in encode and " rows/s" in encode and " tokens/s" in encode
     assert any(x.startswith("data: write train 100%") for x in lines)
+
+
+def test_a_data_worker_starts_without_torch(tmp_path):
+    # What a worker process runs before its first chunk: the `serve` import and the pickled tokenizer. torch is
+    # ~2.4 s of start-up per process here and preparing data never needs it.
+    import pickle
+
+    tok = load_tokenizer(compose([]).model)
+    (tmp_path / "setup.pkl").write_bytes(pickle.dumps((tok, None, {}, 1)))
+    code = (
+        "import pickle, sys; from launcher.data.encode import serve; "
+        f"pickle.loads(open({str(tmp_path / 'setup.pkl')!r}, 'rb').read()); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=sft_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout[-500:]
