@@ -312,7 +312,7 @@ def test_shards_merge_into_the_one_preparation_and_a_second_job_only_loads(big_j
 
 
 @pytest.mark.badinput
-@pytest.mark.parametrize("how", ["workers", "shard"])
+@pytest.mark.parametrize("how", ["workers", pytest.param("shard", marks=pytest.mark.slow)])
 def test_a_bad_line_deep_in_a_big_file_is_named_with_its_line(tmp_path, how):
     rows = gen_rows(8_000)
     rows[6_002] = '{"messages": [}\n'  # line 6003, in the second half

@@ -173,6 +173,7 @@ def test_eval_size_holds_out_exactly_that_many(tmp_path):
     assert prepared.report["sources"][0]["dropped"] == {"held_out_for_eval": 3} and len(held) == 3
 
 
+@pytest.mark.slow  # two `sft prepare` processes
 def test_sft_prepare_builds_then_hits_the_cache(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": conv(i)} for i in range(6)])
     args = [

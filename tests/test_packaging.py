@@ -27,6 +27,7 @@ print(json.dumps({"package": launcher.__file__, "tokenizer": compose().model.tok
 """
 
 
+@pytest.mark.slow  # builds a wheel and installs it into a folder
 def test_a_built_wheel_composes_its_config_outside_the_repo(tmp_path):
     # Build from a copy: an in-tree build (no isolation) would write build/ and *.egg-info into the checkout.
     src = tmp_path / "src"
