@@ -63,6 +63,7 @@ def synthetic_part(path: Path, lengths: np.ndarray, seed: int) -> tuple[EncodedP
     return EncodedPart(path), ids, mask
 
 
+@pytest.mark.slow  # a million documents
 def test_a_million_documents_are_packed_whole_with_every_token_once(tmp_path):
     # Real-mix-like lengths (lognormal, a long tail), two encoded parts (two sources or shards).
     rng = np.random.default_rng(0)
@@ -312,7 +313,8 @@ def test_shards_merge_into_the_one_preparation_and_a_second_job_only_loads(big_j
 
 
 @pytest.mark.badinput
-@pytest.mark.parametrize("how", ["workers", pytest.param("shard", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a 100k-row file, read by worker processes
+@pytest.mark.parametrize("how", ["workers", "shard"])
 def test_a_bad_line_deep_in_a_big_file_is_named_with_its_line(tmp_path, how):
     rows = gen_rows(8_000)
     rows[6_002] = '{"messages": [}\n'  # line 6003, in the second half

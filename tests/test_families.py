@@ -218,6 +218,7 @@ def test_flex_attention_cannot_train_on_cpu_and_is_refused_there():
     assert choose_backend("flex_attention", torch.device("cpu"), family_config("llama3"), training=False)[0]
 
 
+@pytest.mark.slow  # tries to compile the flex kernel first
 def test_flex_attention_on_cpu_runs_uncompiled_when_its_kernel_does_not_build(monkeypatch):
     """torch 2.13's CPU inductor cannot build the kernel for a sliding-window BlockMask under dynamic shapes (a
     second shape): the forward falls back to flex attention uncompiled, with the same logits as eager."""
