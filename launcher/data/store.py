@@ -42,8 +42,9 @@ CANDIDATE_COLUMNS = {
 }
 GATHER_TOKENS = 1 << 22  # tokens gathered per step when writing packed rows (a few tens of MB of buffers)
 # Documents gathered per step: each document read through a memory map faults in the pages around it too
-# (the kernel's fault-around, 64 KiB, whatever madvise says), so the mapped pages resident between two
-# releases grow with the documents, not the tokens: 2048 documents keep them under 256 MiB at any size.
+# (the kernel's fault-around, 64 KiB windows, whatever madvise says), so the mapped pages resident between two
+# releases grow with the documents, not the tokens: 2048 documents keep them to a few hundred MiB at any size
+# (at most two windows per document in each of the ids and mask maps).
 GATHER_DOCS = 2048
 READ_BYTES = 1 << 24
 
