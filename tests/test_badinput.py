@@ -345,8 +345,9 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-# One case of each kind runs in `make test-fast` (each case is a new interpreter, ~3 s); all run in `make test`.
-FAST_CASES = {"type", "command_typo", "model_dir_missing", "data_file_missing", "malformed_json", "sp_heads"}
+# A compose, a model and a data case run in `make test-fast` (each case is a new interpreter, ~3 s);
+# all of them run in `make test`.
+FAST_CASES = {"type", "model_dir_missing", "data_file_missing"}
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,7 @@ def in_workers(big_jsonl):
     return prepared
 
 
+@pytest.mark.slow  # 30k rows prepared in two worker processes
 def test_processes_and_chunking_do_not_change_the_prepared_bytes(big_jsonl, in_workers):
     cfg = compose(recipe(big_jsonl, "data.num_proc=1"))
     assert sources.BLOCK_BYTES == 1 << 20
@@ -258,6 +259,7 @@ def test_a_token_written_out_of_place_stops_the_preparation(tmp_path, monkeypatc
     assert not list((tmp_path / "cache").glob("prepared-*/meta.json")), "a wrong preparation was cached"
 
 
+@pytest.mark.slow  # 30k rows prepared in two worker processes
 def test_masks_at_scale_are_the_single_conversation_encoding(big_jsonl, in_workers):
     tok = load_tokenizer(compose([]).model)
     rows = in_workers.train_rows

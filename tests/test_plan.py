@@ -49,7 +49,7 @@ def closed_form_params(c: dict) -> tuple[int, int]:
 @pytest.mark.parametrize(
     "ds_overrides, offload",
     [
-        ([], (False, False)),
+        pytest.param([], (False, False), marks=pytest.mark.slow),
         pytest.param(["deepspeed.offload_optimizer=true"], (True, False), marks=pytest.mark.slow),
         pytest.param(["deepspeed=zero3_offload"], (True, True), marks=pytest.mark.slow),
     ],
