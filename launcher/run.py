@@ -323,6 +323,8 @@ def build_data(cfg: DictConfig, tok: Any, info: ds_engine.DistInfo) -> Prepared:
         prepared = cached_prepare(
             cfg.data, tok, cfg.model.chat_template, cfg.cache_dir, build=True, progress=cfg.logging.progress
         )
+    # Every node's builder is done (a node-local cache_dir is built on each node) before any rank loads.
+    dist.barrier(group=slow)
     # The content hash reads every source file: rank 0 says where the data is instead of each rank hashing again
     # (same cache_dir and content on every node, so the same path).
     where = [prepared.report["cache"]["path"] if prepared is not None else None]

@@ -659,9 +659,7 @@ def cached_prepare(
         prepared = _load(path)
         prepared.report["cache"] = {"path": str(path), "hit": False}
         return prepared
-    prepared = _load(path)
-    prepared.report["cache"] = {"path": str(path), "hit": True}
-    return prepared
+    return load_prepared(path)
 
 
 def prepare_shard(
